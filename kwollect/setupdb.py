@@ -1,0 +1,254 @@
+"""kwollect-setup-db: create or upgrade the kwollect database, its roles and its SQL API.
+
+Runs as a PostgreSQL administrator.  Re-running it upgrades in place: the SQL files are
+idempotent, the schema version is recorded, and nothing it runs drops data, job tables or
+a view that a scheduler integration installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import jwt
+
+from kwollect.options import OptionError, load_options, positive_int
+
+log = logging.getLogger("kwollect.setupdb")
+
+DEFAULTS: dict[str, Any] = {
+    "db_host": "/var/run/postgresql/",
+    "db_port": 5432,
+    "db_admin": "postgres",
+    "db_admin_password": "",
+    "db_admin_password_file": "",
+    "kwollect_db_name": "kwdb",
+    "kwollect_user": "kwuser",
+    "kwollect_password": "",
+    "kwollect_password_file": "",
+    "kwollect_password_ro": "ro",
+    "kwollect_password_ro_file": "",
+    "chunk_interval_hour": 6,
+    "chunk_compress_hour": 24,
+    "request_timeout_min": 5,
+    "max_rows": 20_000_000,
+    "job_energy_metric": "bmc_node_power_watt",
+    "archive_path": "",
+    "jobmetrics_requests_path": "",
+    "token_expiry_days": 365,
+    "postgrest_config_path": "",
+    "api_db_host": "",
+    "log_level": "warning",
+}
+
+
+def sql_dir() -> Path:
+    """sql/ inside an installed wheel, or at the top of a source checkout."""
+    for candidate in (Path(__file__).parent / "sql", Path(__file__).parent.parent / "sql"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("kwollect's sql/ directory is missing from the installation")
+
+
+def sql_files() -> list[Path]:
+    return sorted(sql_dir().glob("*.sql"))
+
+
+def schema_version() -> str:
+    return package_version("kwollect")
+
+
+def role_names(user: str) -> dict[str, str]:
+    """The three roles: the writer keeps the reference login name, the reader its _ro twin."""
+    return {"owner_role": f"{user}_owner", "writer_role": user, "reader_role": f"{user}_ro"}
+
+
+def make_token(secret: str, role: str, expiry_days: int) -> str:
+    """An HS256 JWT for `role`, valid `expiry_days` days (0: never expires)."""
+    claims: dict[str, Any] = {"role": role, "iat": int(time.time())}
+    if expiry_days > 0:
+        claims["exp"] = int(time.time()) + expiry_days * 86400
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+async def _set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
+    # Utility statements take no bind parameters: quote on the server, and keep the
+    # statement out of the server log.
+    statement = await conn.fetchval("SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)",
+                                    role, password)
+    async with conn.transaction():
+        await conn.execute("SET LOCAL log_statement = 'none'")
+        await conn.execute("SET LOCAL log_min_error_statement = 'panic'")
+        await conn.execute(statement)
+
+
+async def _ddl(conn: asyncpg.Connection, template: str, *idents: str) -> None:
+    """Run a DDL statement whose identifiers are quoted by the server (format %I)."""
+    statement = await conn.fetchval(
+        "SELECT format($1::text, VARIADIC $2::text[])", template, list(idents))
+    await conn.execute(statement)
+
+
+async def ensure_roles(conn: asyncpg.Connection, roles: dict[str, str],
+                       passwords: dict[str, str]) -> None:
+    for key, role in roles.items():
+        exists = await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
+        login = "NOLOGIN" if key == "owner_role" else "LOGIN"
+        if not exists:
+            await _ddl(conn, f"CREATE ROLE %I {login} NOSUPERUSER NOCREATEDB NOCREATEROLE", role)
+        else:
+            await _ddl(conn, f"ALTER ROLE %I {login}", role)
+        if key in passwords:
+            await _set_password(conn, role, passwords[key])
+    await _ddl(conn, "GRANT %I TO %I", roles["reader_role"], roles["writer_role"])
+
+
+async def ensure_database(conn: asyncpg.Connection, name: str, owner: str) -> None:
+    exists = await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", name)
+    if not exists:
+        await _ddl(conn, "CREATE DATABASE %I OWNER %I ENCODING 'UTF8' TEMPLATE template0",
+                   name, owner)
+    else:
+        await _ddl(conn, "ALTER DATABASE %I OWNER TO %I", name, owner)
+
+
+async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
+                       roles: dict[str, str]) -> None:
+    """Apply sql/*.sql as the owner role, with the settings the files read."""
+    files = sql_files()
+    async with conn.transaction():
+        await _ddl(conn, "SET LOCAL ROLE %I", roles["owner_role"])
+        await conn.execute(files[0].read_text())
+        settings = {**roles,
+                    "chunk_interval_hour": str(positive_int(conf, "chunk_interval_hour")),
+                    "chunk_compress_hour": str(positive_int(conf, "chunk_compress_hour")),
+                    "max_rows": str(int(conf["max_rows"])),
+                    "job_energy_metric": str(conf["job_energy_metric"])}
+        await conn.executemany(
+            "INSERT INTO kwollect.settings (key, value) VALUES ($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", list(settings.items()))
+        for path in files[1:]:
+            try:
+                await conn.execute(path.read_text())
+            except asyncpg.PostgresError as exc:
+                raise RuntimeError(f"{path.name}: {exc}") from exc
+        await conn.execute(
+            "INSERT INTO kwollect.schema_version (version) VALUES ($1) ON CONFLICT DO NOTHING",
+            schema_version())
+        await conn.execute("SELECT kwollect.maintain()")
+
+
+async def load_jobmetrics_requests(conn: asyncpg.Connection, path: str) -> int:
+    """Replace the job-wide metrics requests by the lines of `path` (blank and # lines skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise OptionError(f"jobmetrics_requests_path: cannot read {path}: {exc.strerror}") from exc
+    requests = [(n, line.strip()) for n, line in enumerate(lines, 1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    async with conn.transaction():
+        await conn.execute("DELETE FROM kwollect.jobmetrics_requests")
+        await conn.executemany(
+            "INSERT INTO kwollect.jobmetrics_requests (position, request) VALUES ($1, $2)", requests)
+    return len(requests)
+
+
+async def api_secret(conn: asyncpg.Connection, owner: str) -> str:
+    """The JWT secret: random, created once, readable by the owner only."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS kwollect.api_secret ("
+                       " singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
+                       " secret text NOT NULL)")
+    await _ddl(conn, "ALTER TABLE kwollect.api_secret OWNER TO %I", owner)
+    await conn.execute("INSERT INTO kwollect.api_secret (secret) VALUES ($1) ON CONFLICT DO NOTHING",
+                       secrets.token_urlsafe(48))
+    return await conn.fetchval("SELECT secret FROM kwollect.api_secret")
+
+
+async def set_timeouts(conn: asyncpg.Connection, conf: dict[str, Any], roles: dict[str, str]) -> None:
+    minutes = positive_int(conf, "request_timeout_min")
+    for key in ("writer_role", "reader_role"):
+        statement = await conn.fetchval(
+            "SELECT format('ALTER ROLE %I IN DATABASE %I SET statement_timeout = %L', $1::text, $2::text, $3::text)",
+            roles[key], conf["kwollect_db_name"], f"{minutes}min")
+        await conn.execute(statement)
+
+
+def postgrest_config(conf: dict[str, Any], roles: dict[str, str], secret: str) -> str:
+    host = conf["api_db_host"] or ("localhost" if str(conf["db_host"]).startswith("/")
+                                   else conf["db_host"])
+    uri = (f"postgres://{quote(roles['writer_role'], safe='')}:"
+           f"{quote(conf['kwollect_password'], safe='')}@{host}:{conf['db_port']}/"
+           f"{quote(conf['kwollect_db_name'], safe='')}")
+    return (f'db-uri = "{uri}"\n'
+            f'db-schemas = "api"\n'
+            f'db-anon-role = "{roles["reader_role"]}"\n'
+            f'jwt-secret = "{secret}"\n')
+
+
+async def setup(conf: dict[str, Any]) -> tuple[str, str]:
+    """Create or upgrade everything; returns (PostgREST configuration, writer token)."""
+    if not conf["kwollect_password"]:
+        raise OptionError("kwollect_password (or kwollect_password_file) is mandatory")
+    roles = role_names(conf["kwollect_user"])
+    passwords = {"writer_role": conf["kwollect_password"], "reader_role": conf["kwollect_password_ro"]}
+    connect = {"host": conf["db_host"], "port": conf["db_port"], "user": conf["db_admin"],
+               "password": conf["db_admin_password"] or None}
+    admin = await asyncpg.connect(database="postgres", **connect)
+    try:
+        await ensure_roles(admin, roles, passwords)
+        await ensure_database(admin, conf["kwollect_db_name"], roles["owner_role"])
+        await set_timeouts(admin, conf, roles)
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(database=conf["kwollect_db_name"], **connect)
+    try:
+        await apply_schema(conn, conf, roles)
+        if conf["jobmetrics_requests_path"]:
+            count = await load_jobmetrics_requests(conn, conf["jobmetrics_requests_path"])
+            log.info("loaded %d job metrics requests", count)
+        secret = await api_secret(conn, roles["owner_role"])
+    finally:
+        await conn.close()
+    token = make_token(secret, roles["writer_role"], int(conf["token_expiry_days"]))
+    return postgrest_config(conf, roles, secret), token
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        conf = load_options(DEFAULTS, argv)
+    except OptionError as exc:
+        print(f"kwollect-setup-db: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=str(conf["log_level"]).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, token = asyncio.run(setup(conf))
+    except (OptionError, OSError, asyncpg.PostgresError, RuntimeError) as exc:
+        print(f"kwollect-setup-db: {exc}", file=sys.stderr)
+        return 1
+    target = conf["postgrest_config_path"]
+    if target:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(config)
+        print(f"PostgREST / kwollect-api configuration written to {target}")
+    else:
+        print("PostgREST / kwollect-api configuration:\n")
+        print(config)
+    print(f"API token (writer role, expires in {conf['token_expiry_days']} days; 0 = never):\n")
+    print(token)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+-- kwollect schema, part 5: the SQL API (schema api), served over HTTP as /rpc/<function>
+-- by kwollect-api or PostgREST.  Every statement is static SQL with bound parameters.
+
+-- Times: epoch seconds (fractional allowed) or any timestamptz literal; a literal without
+-- an offset is read as UTC, whatever the session's TimeZone.
+CREATE OR REPLACE FUNCTION kwollect.parse_time(p_text text, p_name text DEFAULT 'time')
+RETURNS timestamptz LANGUAGE plpgsql STABLE
+SET timezone = 'UTC' AS $$
+BEGIN
+    IF p_text IS NULL OR btrim(p_text) = '' THEN
+        RETURN NULL;
+    END IF;
+    IF p_text ~ '^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$' THEN
+        RETURN to_timestamp(p_text::double precision);
+    END IF;
+    RETURN p_text::timestamptz;
+EXCEPTION WHEN data_exception THEN
+    RAISE EXCEPTION 'invalid %: %', p_name, p_text
+        USING ERRCODE = 'invalid_datetime_format',
+              HINT = 'Give epoch seconds (e.g. 1606389005.5) or an ISO 8601 date and time '
+                     '(e.g. 2020-01-06T13:35:00 read as UTC, or 2020-01-06T13:35:00+01:00).';
+END $$;
+
+-- A comma-separated list as an array: items trimmed, empty ones dropped, and with
+-- p_cut_domain, each item cut at its first dot (node-1.site.fr -> node-1).
+CREATE OR REPLACE FUNCTION kwollect.split_list(p_text text, p_cut_domain boolean DEFAULT false)
+RETURNS text[] LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT array_agg(DISTINCT item ORDER BY item)
+    FROM (SELECT CASE WHEN p_cut_domain THEN split_part(btrim(x), '.', 1) ELSE btrim(x) END AS item
+          FROM unnest(string_to_array(p_text, ',')) AS x) s
+    WHERE item <> ''
+$$;
+
+CREATE OR REPLACE FUNCTION kwollect.parse_as_rate(p_text text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_text IS NULL OR lower(btrim(p_text)) IN ('', 'false', 'f', '0', 'no', 'off') THEN
+        RETURN 'no';
+    ELSIF lower(btrim(p_text)) IN ('true', 't', '1', 'yes', 'on') THEN
+        RETURN 'all';
+    ELSIF lower(btrim(p_text)) = 'auto' THEN
+        RETURN 'auto';
+    END IF;
+    RAISE EXCEPTION 'invalid as_rate: %', p_text
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Use true, false, or auto (rates for metric ids ending in _total only).';
+END $$;
+
+-- What a get_metrics call asks for: its time window and its device and metric lists.
+CREATE OR REPLACE FUNCTION kwollect.metrics_request(
+    p_job_id integer, p_nodes text, p_devices text, p_metrics text,
+    p_start text, p_end text)
+RETURNS TABLE (start_time timestamptz, end_time timestamptz, devices text[], metrics text[])
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    t0 timestamptz := kwollect.parse_time(p_start, 'start_time');
+    t1 timestamptz := kwollect.parse_time(p_end, 'end_time');
+    job_start timestamptz;
+    job_stop timestamptz;
+    job_nodes text[];
+BEGIN
+    devices := kwollect.split_list(concat_ws(',', p_nodes, p_devices), true);
+    metrics := kwollect.split_list(p_metrics);
+    IF p_job_id IS NOT NULL THEN
+        SELECT min(j.start_time),
+               CASE WHEN bool_or(j.stop_time IS NULL) THEN now() ELSE max(j.stop_time) END,
+               array_agg(DISTINCT j.node)
+          INTO job_start, job_stop, job_nodes
+          FROM public.nodetime_by_job j WHERE j.job_id = p_job_id;
+        IF job_start IS NULL THEN
+            RAISE EXCEPTION 'job % not found', p_job_id
+                USING ERRCODE = 'no_data_found',
+                      HINT = 'The job is unknown to nodetime_by_job (not started yet, or not '
+                             'recorded by the scheduler integration).';
+        END IF;
+        devices := coalesce(devices, job_nodes);
+        t0 := coalesce(t0, job_start);
+        t1 := coalesce(t1, job_stop);
+    ELSIF devices IS NULL THEN
+        RAISE EXCEPTION 'Missing ''devices'', ''nodes'' or ''job_id'' argument'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF t0 IS NULL AND t1 IS NULL THEN
+        t1 := now();
+    END IF;
+    start_time := coalesce(t0, t1 - interval '5 minutes');
+    end_time := coalesce(t1, t0 + interval '5 minutes');
+    IF start_time > end_time THEN
+        RAISE EXCEPTION 'start_time (%) is after end_time (%)', start_time, end_time
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEXT;
+END $$;
+
+-- The series a request reads: their own rows, and the sources of requested aliases.
+-- rank orders series by (device_id, metric_id, labels) for the deterministic output order.
+CREATE OR REPLACE FUNCTION kwollect.request_series(p_devices text[], p_metrics text[])
+RETURNS TABLE (series_id integer, via_alias boolean, rank bigint, out_device text,
+               metric_id text, out_labels jsonb, orig_device text)
+LANGUAGE sql STABLE AS $$
+    SELECT s.series_id, s.via_alias,
+           dense_rank() OVER (ORDER BY s.out_device COLLATE "C", s.metric_id COLLATE "C",
+                              s.out_labels),
+           s.out_device, s.metric_id, s.out_labels, s.orig_device
+    FROM (
+        SELECT se.series_id, false AS via_alias, se.device_id AS out_device, se.metric_id,
+               se.labels - '_device_alias' AS out_labels, se.device_id AS orig_device
+        FROM kwollect.series se
+        WHERE se.device_id = ANY (p_devices)
+          AND (p_metrics IS NULL OR se.metric_id = ANY (p_metrics))
+        UNION ALL
+        SELECT se.series_id, true, se.device_alias, se.metric_id,
+               se.labels - '_device_alias', se.device_id
+        FROM kwollect.series se
+        WHERE se.device_alias = ANY (p_devices)
+          AND (p_metrics IS NULL OR se.metric_id = ANY (p_metrics))
+    ) s
+$$;
+
+-- Refuse requests over max_rows raw rows, before any row is sent.  The count comes from
+-- the summary's per-bucket sample counts (whole buckets) plus the raw rows not yet
+-- summarized, so it is exact to within one 5-minute bucket at each end.
+CREATE OR REPLACE FUNCTION kwollect.check_row_bound(p_series integer[], p_start timestamptz,
+                                                    p_end timestamptz)
+RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    bound     bigint := kwollect.setting('max_rows')::bigint;
+    watermark timestamptz := (SELECT s.watermark FROM kwollect.summary_state s);
+    split     timestamptz;
+    n         bigint := 0;
+BEGIN
+    IF bound IS NULL OR bound <= 0 OR p_series IS NULL THEN
+        RETURN true;
+    END IF;
+    split := greatest(p_start, least(coalesce(watermark, p_start), p_end));
+    IF split > p_start THEN
+        SELECT coalesce(sum(su.count + su.nan_count), 0) INTO n
+        FROM kwollect.summary su
+        WHERE su.series_id = ANY (p_series)
+          AND su.bucket >= kwollect.bucket_of(p_start) AND su.bucket < split;
+    END IF;
+    IF n <= bound THEN
+        SELECT n + count(*) INTO n FROM (
+            SELECT 1 FROM kwollect.samples s
+            WHERE s.series_id = ANY (p_series)
+              AND kwollect.minute_key(s.ts) BETWEEN kwollect.minute_key(split)
+                                                AND kwollect.minute_key(p_end)
+              AND s.ts >= split AND s.ts <= p_end
+            LIMIT bound + 1 - n) x;
+    END IF;
+    IF n > bound THEN
+        RAISE EXCEPTION 'request too large: about % rows, over the limit of % rows', n, bound
+            USING ERRCODE = 'program_limit_exceeded',
+                  HINT = 'Narrow the request (fewer devices or metrics, a shorter time window), '
+                         'or ask for 5-minute summaries with summary=true.';
+    END IF;
+    RETURN true;
+END $$;
+
+-- The rows of a get_metrics call, unsorted, with the rank of their series.
+CREATE OR REPLACE FUNCTION kwollect.metrics_rows(
+    p_job_id integer, p_nodes text, p_devices text, p_metrics text,
+    p_start text, p_end text, p_summary boolean)
+RETURNS TABLE (ts timestamptz, rank bigint, device_id text, metric_id text,
+               value double precision, labels jsonb)
+LANGUAGE sql STABLE AS $$
+    WITH req AS MATERIALIZED (
+        SELECT * FROM kwollect.metrics_request(p_job_id, p_nodes, p_devices, p_metrics,
+                                               p_start, p_end)
+    ), sel AS MATERIALIZED (
+        SELECT rs.* FROM req, kwollect.request_series(req.devices, req.metrics) rs
+    ), win AS MATERIALIZED (
+        SELECT req.start_time AS t0, req.end_time AS t1,
+               kwollect.minute_key(req.start_time) AS k0, kwollect.minute_key(req.end_time) AS k1,
+               coalesce(p_summary, false)
+                   OR kwollect.check_row_bound((SELECT array_agg(sel.series_id) FROM sel),
+                                               req.start_time, req.end_time) AS ok
+        FROM req
+    )
+    SELECT s.ts, k.rank, k.out_device, k.metric_id, s.value, k.out_labels
+    FROM sel k
+    JOIN kwollect.samples s ON s.series_id = k.series_id
+    WHERE NOT coalesce(p_summary, false) AND NOT k.via_alias AND (SELECT ok FROM win)
+      AND kwollect.minute_key(s.ts) BETWEEN (SELECT k0 FROM win) AND (SELECT k1 FROM win)
+      AND s.ts >= (SELECT t0 FROM win) AND s.ts <= (SELECT t1 FROM win)
+    UNION ALL
+    SELECT s.ts, k.rank, k.out_device, k.metric_id, sum(s.value),
+           k.out_labels || jsonb_build_object('_device_orig', jsonb_agg(DISTINCT k.orig_device))
+    FROM sel k
+    JOIN kwollect.samples s ON s.series_id = k.series_id
+    WHERE NOT coalesce(p_summary, false) AND k.via_alias AND (SELECT ok FROM win)
+      AND kwollect.minute_key(s.ts) BETWEEN (SELECT k0 FROM win) AND (SELECT k1 FROM win)
+      AND s.ts >= (SELECT t0 FROM win) AND s.ts <= (SELECT t1 FROM win)
+    GROUP BY s.ts, k.rank, k.out_device, k.metric_id, k.out_labels
+    UNION ALL
+    SELECT su.bucket, k.rank, k.out_device, k.metric_id,
+           kwollect.summary_value(k.metric_id, su.avg, su.max), k.out_labels
+    FROM sel k
+    JOIN kwollect.summary su ON su.series_id = k.series_id
+    WHERE coalesce(p_summary, false) AND NOT k.via_alias
+      AND su.bucket >= (SELECT t0 FROM win) AND su.bucket <= (SELECT t1 FROM win)
+    UNION ALL
+    SELECT su.bucket, k.rank, k.out_device, k.metric_id,
+           sum(kwollect.summary_value(k.metric_id, su.avg, su.max)),
+           k.out_labels || jsonb_build_object('_device_orig', jsonb_agg(DISTINCT k.orig_device))
+    FROM sel k
+    JOIN kwollect.summary su ON su.series_id = k.series_id
+    WHERE coalesce(p_summary, false) AND k.via_alias
+      AND su.bucket >= (SELECT t0 FROM win) AND su.bucket <= (SELECT t1 FROM win)
+    GROUP BY su.bucket, k.rank, k.out_device, k.metric_id, k.out_labels
+$$;
+
+-- Per-second rate of a counter between two samples, with the reference's reset rule:
+-- when the value decreases, the increase is running_max - previous + value.
+CREATE OR REPLACE FUNCTION kwollect.counter_rate(p_value double precision, p_prev double precision,
+                                                 p_running_max double precision,
+                                                 p_ts timestamptz, p_prev_ts timestamptz)
+RETURNS double precision LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN p_prev_ts IS NULL OR p_ts = p_prev_ts THEN NULL
+                WHEN p_value < p_prev THEN (p_running_max - p_prev + p_value)
+                ELSE p_value - p_prev
+           END / date_part('epoch', p_ts - p_prev_ts)
+$$;
+
+DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, boolean);
+CREATE OR REPLACE FUNCTION api.get_metrics(
+    job_id integer DEFAULT NULL,
+    nodes text DEFAULT NULL,
+    devices text DEFAULT NULL,
+    metrics text DEFAULT NULL,
+    start_time text DEFAULT NULL,
+    end_time text DEFAULT NULL,
+    summary boolean DEFAULT false,
+    as_rate text DEFAULT 'false')
+RETURNS TABLE ("timestamp" timestamptz, device_id text, metric_id text,
+               value double precision, labels jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT r.ts, r.device_id, r.metric_id, r.value, r.labels
+    FROM (
+        SELECT m.ts, m.rank, m.device_id, m.metric_id, m.value, m.labels
+        FROM kwollect.metrics_rows(job_id, nodes, devices, metrics, start_time, end_time, summary) m
+        WHERE kwollect.parse_as_rate(as_rate) = 'no'
+        UNION ALL
+        SELECT w.ts, w.rank, w.device_id, w.metric_id,
+               CASE WHEN kwollect.parse_as_rate(as_rate) = 'all' OR w.metric_id LIKE '%\_total'
+                    THEN kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts)
+                    ELSE w.value END,
+               w.labels
+        FROM (
+            SELECT m.*,
+                   lag(m.value) OVER series AS prev,
+                   lag(m.ts) OVER series AS prev_ts,
+                   max(m.value) OVER (series ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                       AS running_max
+            FROM kwollect.metrics_rows(job_id, nodes, devices, metrics, start_time, end_time,
+                                       summary) m
+            WHERE kwollect.parse_as_rate(as_rate) <> 'no'
+            WINDOW series AS (PARTITION BY m.rank ORDER BY m.ts)
+        ) w
+    ) r
+    ORDER BY r.ts, r.rank
+$$;
+COMMENT ON FUNCTION api.get_metrics IS
+    'Samples of devices (or of a job''s nodes) between start_time and end_time, both '
+    'inclusive, ordered by timestamp, device_id, metric_id and labels. '
+    'summary=true: 5-minute summaries. as_rate=true|auto: per-second rate of counters.';
+
+-- Devices and metrics with data in the minute before `at` (for Grafana's variables).
+-- params: {"devices": [...]} and/or {"job_id": "1234"}.
+DROP FUNCTION IF EXISTS api.available_metrics(timestamptz, jsonb);
+CREATE OR REPLACE FUNCTION api.available_metrics(at timestamptz DEFAULT now(),
+                                                 params jsonb DEFAULT '{}')
+RETURNS TABLE (device_id text, metric_id text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    wanted text[];
+    job integer;
+BEGIN
+    params := coalesce(params, '{}');
+    IF params ? 'devices' THEN
+        IF jsonb_typeof(params -> 'devices') <> 'array' THEN
+            RAISE EXCEPTION 'Cannot parse params->devices, should be JSON array'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT array_agg(x) INTO wanted FROM jsonb_array_elements_text(params -> 'devices') x;
+        wanted := coalesce(wanted, '{}');
+    END IF;
+    IF (params ->> 'job_id') ~ '^\s*[0-9]{1,9}\s*$' THEN
+        job := (params ->> 'job_id')::integer;
+        SELECT coalesce(wanted, array_agg(DISTINCT j.node)),
+               least(at, CASE WHEN bool_or(j.stop_time IS NULL) THEN now() ELSE max(j.stop_time) END)
+          INTO wanted, at
+          FROM public.nodetime_by_job j WHERE j.job_id = job;
+        wanted := coalesce(wanted, '{}');
+    END IF;
+    RETURN QUERY
+    SELECT a.device_id, a.metric_id
+    FROM (
+        SELECT DISTINCT CASE WHEN v.via_alias THEN se.device_alias ELSE se.device_id END AS device_id,
+                        se.metric_id
+        FROM kwollect.series se
+        CROSS JOIN LATERAL (VALUES (false), (true)) AS v(via_alias)
+        WHERE (NOT v.via_alias OR se.device_alias IS NOT NULL)
+          AND (wanted IS NULL
+               OR CASE WHEN v.via_alias THEN se.device_alias ELSE se.device_id END = ANY (wanted))
+          AND EXISTS (
+              SELECT 1 FROM kwollect.samples s
+              WHERE s.series_id = se.series_id
+                AND kwollect.minute_key(s.ts) BETWEEN kwollect.minute_key(at - interval '1 minute')
+                                                  AND kwollect.minute_key(at)
+                AND s.ts > at - interval '1 minute' AND s.ts < at)
+    ) a
+    ORDER BY CASE WHEN a.device_id ~ '^[a-z]+-\d+$' THEN 1 ELSE 2 END,
+             split_part(a.device_id, '-', 1) COLLATE "C",
+             coalesce((substring(split_part(a.device_id, '-', 2) FROM '^\d{1,9}'))::integer, 0),
+             a.device_id COLLATE "C", a.metric_id COLLATE "C";
+END $$;
+
+-- Insert rows given as a JSON array of objects {device_id, metric_id[, timestamp][, value]
+-- [, labels]}, all in the caller's transaction; returns them as stored.
+CREATE OR REPLACE FUNCTION kwollect.insert_rows(p_rows jsonb)
+RETURNS SETOF public.metrics LANGUAGE plpgsql AS $$
+DECLARE
+    bad      record;
+    v_ts     timestamptz[];
+    v_device text[];
+    v_metric text[];
+    v_value  double precision[];
+    v_labels jsonb[];
+    v_series integer[];
+BEGIN
+    IF jsonb_typeof(p_rows) <> 'array' THEN
+        RAISE EXCEPTION 'insert_metrics expects an object or an array of objects, got %',
+            jsonb_typeof(p_rows) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT ord, elem INTO bad
+    FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS e(elem, ord)
+    WHERE jsonb_typeof(elem) <> 'object'
+       OR coalesce(jsonb_typeof(elem -> 'device_id'), '') <> 'string' OR elem ->> 'device_id' = ''
+       OR coalesce(jsonb_typeof(elem -> 'metric_id'), '') <> 'string' OR elem ->> 'metric_id' = ''
+       OR coalesce(jsonb_typeof(elem -> 'value'), 'null') NOT IN ('number', 'null', 'string')
+       OR coalesce(jsonb_typeof(elem -> 'labels'), 'object') NOT IN ('object', 'null')
+       OR (jsonb_typeof(elem -> 'value') = 'string'
+           AND lower(elem ->> 'value') NOT IN ('nan', 'infinity', '-infinity'))
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert_metrics: row % is invalid: %', bad.ord, left(bad.elem::text, 200)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Each row needs non-empty string device_id and metric_id; value is a '
+                         'number, null or "NaN"; labels is an object; timestamp is epoch '
+                         'seconds or an ISO 8601 date (UTC when it has no offset).';
+    END IF;
+    SELECT array_agg(coalesce(kwollect.parse_time(e.elem ->> 'timestamp',
+                                                  format('timestamp of row %s', e.ord)), now())
+                     ORDER BY e.ord),
+           array_agg(e.elem ->> 'device_id' ORDER BY e.ord),
+           array_agg(e.elem ->> 'metric_id' ORDER BY e.ord),
+           array_agg(CASE WHEN e.elem ? 'value' THEN (e.elem ->> 'value')::double precision
+                          ELSE 'NaN' END ORDER BY e.ord),
+           array_agg(coalesce(nullif(e.elem -> 'labels', 'null'), '{}') ORDER BY e.ord)
+      INTO v_ts, v_device, v_metric, v_value, v_labels
+      FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS e(elem, ord);
+    IF v_ts IS NULL THEN
+        RETURN;
+    END IF;
+    v_series := kwollect.series_ids(v_device, v_metric, v_labels);
+    -- Partitions are created by a statement of their own: a statement cannot attach a
+    -- partition to the table it inserts into.
+    PERFORM kwollect.ensure_partitions(array_agg(t))
+       FROM unnest(v_ts) t WHERE NOT kwollect.partition_exists(t);
+    PERFORM kwollect.mark_late(min(t), max(t)) FROM unnest(v_ts) t;
+    INSERT INTO kwollect.samples (ts, value, series_id)
+    SELECT * FROM unnest(v_ts, v_value, v_series);
+    RETURN QUERY SELECT * FROM unnest(v_ts, v_device, v_metric, v_value, v_labels);
+END $$;
+
+DROP FUNCTION IF EXISTS api.insert_metrics(text, text, timestamptz, double precision, jsonb);
+CREATE OR REPLACE FUNCTION api.insert_metrics(
+    device_id text,
+    metric_id text,
+    "timestamp" text DEFAULT NULL,
+    value double precision DEFAULT 'NaN',
+    labels jsonb DEFAULT '{}')
+RETURNS SETOF public.metrics LANGUAGE sql AS $$
+    SELECT * FROM kwollect.insert_rows(jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+        'device_id', device_id, 'metric_id', metric_id, 'timestamp', "timestamp",
+        'labels', labels)) || jsonb_build_object('value', value)))
+$$;
+COMMENT ON FUNCTION api.insert_metrics(text, text, text, double precision, jsonb) IS
+    'Insert one sample (timestamp defaults to now, value to NaN, labels to {}).';
+
+CREATE OR REPLACE FUNCTION api.insert_metrics(jsonb)
+RETURNS SETOF public.metrics LANGUAGE sql AS $$
+    SELECT * FROM kwollect.insert_rows(CASE WHEN jsonb_typeof($1) = 'object'
+                                            THEN jsonb_build_array($1) ELSE $1 END)
+$$;
+COMMENT ON FUNCTION api.insert_metrics(jsonb) IS
+    'Insert one sample given as a JSON object, or many given as a JSON array, atomically.';
+
+-- Job-wide metrics.  The operator's requests (kwollect-setup-db --jobmetrics_requests_path,
+-- one SELECT per line over the relation `jobmetrics`) run with `jobmetrics` showing the
+-- job's rows only; each request's columns become keys of the result.  Built in: the
+-- energy of each node and of the job, in Wh, by trapezoidal integration of the power
+-- metric named by the job_energy_metric setting.
+CREATE TABLE IF NOT EXISTS kwollect.jobmetrics_requests (
+    position integer PRIMARY KEY,
+    request  text NOT NULL
+);
+
+CREATE OR REPLACE VIEW public.jobmetrics AS
+SELECT m.*
+FROM public.metrics_by_job m
+WHERE m.job_id = nullif(current_setting('kwollect.job_id', true), '')::integer;
+
+CREATE OR REPLACE FUNCTION kwollect.job_energy(p_job_id integer, p_metric text)
+RETURNS TABLE (node text, energy_wh double precision)
+LANGUAGE sql STABLE AS $$
+    SELECT r.device_id, sum((r.value + r.prev) / 2 * date_part('epoch', r.ts - r.prev_ts)) / 3600
+    FROM (
+        SELECT m."timestamp" AS ts, m.device_id, m.value,
+               lag(m.value) OVER w AS prev, lag(m."timestamp") OVER w AS prev_ts
+        FROM public.metrics_by_job m
+        WHERE m.job_id = p_job_id AND m.metric_id = p_metric
+          AND m.value <> 'NaN' AND m.value IS NOT NULL
+        WINDOW w AS (PARTITION BY m.device_id ORDER BY m."timestamp")
+    ) r
+    WHERE r.prev IS NOT NULL
+    GROUP BY r.device_id
+$$;
+
+CREATE OR REPLACE FUNCTION api.get_job_metrics(job_id integer)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    metric text := kwollect.setting('job_energy_metric');
+    result jsonb;
+    req record;
+    row_json jsonb;
+BEGIN
+    PERFORM kwollect.metrics_request(job_id, NULL, NULL, NULL, NULL, NULL);
+    SELECT jsonb_build_object(
+               'job_id', job_id,
+               'energy_metric', metric,
+               'job_energy_watthour', coalesce(sum(e.energy_wh), 0),
+               'node_energy_watthour', coalesce(jsonb_object_agg(e.node, e.energy_wh)
+                                                FILTER (WHERE e.node IS NOT NULL), '{}'))
+      INTO result
+      FROM kwollect.job_energy(job_id, metric) e;
+    PERFORM set_config('kwollect.job_id', job_id::text, true);
+    FOR req IN SELECT position, request FROM kwollect.jobmetrics_requests ORDER BY position LOOP
+        BEGIN
+            EXECUTE format('SELECT to_jsonb(q) FROM (%s) q LIMIT 1', req.request) INTO row_json;
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION 'job metrics request % failed: %', req.position, SQLERRM
+                USING HINT = 'Fix the line in the file given to --jobmetrics_requests_path '
+                             'and re-run kwollect-setup-db.';
+        END;
+        result := result || coalesce(row_json, '{}');
+    END LOOP;
+    PERFORM set_config('kwollect.job_id', '', true);
+    RETURN result;
+END $$;
+
+-- Promotion by jobs: promoted_metrics rows with a job_id are managed here, from the view
+-- promoted_metrics_job(job_id, node, metric_id) that a scheduler integration provides;
+-- rows without a job_id (added by hand) are never touched.
+ALTER TABLE public.promoted_metrics ADD COLUMN IF NOT EXISTS job_id integer;
+
+DO $$
+BEGIN
+    IF to_regclass('public.promoted_metrics_job') IS NULL THEN
+        CREATE VIEW public.promoted_metrics_job AS
+        SELECT NULL::integer AS job_id, NULL::text AS node, NULL::text AS metric_id
+        WHERE false;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION api.update_promoted_metrics()
+RETURNS SETOF public.promoted_metrics LANGUAGE sql AS $$
+    WITH wanted AS (
+        SELECT DISTINCT job_id, node AS device_id, coalesce(metric_id, '.*') AS metric_id
+        FROM public.promoted_metrics_job
+    ), removed AS (
+        DELETE FROM public.promoted_metrics p
+        WHERE p.job_id IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM wanted w WHERE w.job_id = p.job_id
+                          AND w.device_id = p.device_id AND w.metric_id = p.metric_id)
+    ), added AS (
+        INSERT INTO public.promoted_metrics (device_id, metric_id, job_id)
+        SELECT w.device_id, w.metric_id, w.job_id FROM wanted w
+        WHERE NOT EXISTS (SELECT 1 FROM public.promoted_metrics p WHERE p.job_id = w.job_id
+                          AND p.device_id = w.device_id AND p.metric_id = w.metric_id)
+        RETURNING *
+    )
+    SELECT p.* FROM public.promoted_metrics p
+    UNION ALL
+    SELECT a.* FROM added a
+$$;
