@@ -1,0 +1,41 @@
+"""Helpers shared by the SQL API tests: loading rows and calling api functions by name."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+
+UTC = timezone.utc
+T0 = datetime(2021, 1, 1, 22, 0, tzinfo=UTC)
+
+GET_METRICS_PARAMS = {"job_id": "integer", "nodes": "text", "devices": "text", "metrics": "text",
+                      "start_time": "text", "end_time": "text", "summary": "boolean",
+                      "as_rate": "text"}
+
+
+async def load(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+    """COPY (timestamp, device_id, metric_id, value, labels) rows into the metrics view."""
+    records = [(ts, dev, met, val, json.dumps(labels or {})) for ts, dev, met, val, labels in rows]
+    await conn.copy_records_to_table(
+        "metrics", records=records,
+        columns=["timestamp", "device_id", "metric_id", "value", "labels"])
+
+
+def series(device: str, metric: str, start: datetime, count: int, step_s: float,
+           value=lambda i: float(i), labels: dict | None = None) -> list[tuple]:
+    return [(start + timedelta(seconds=i * step_s), device, metric, value(i), labels)
+            for i in range(count)]
+
+
+async def get_metrics(conn: asyncpg.Connection, **params) -> list[dict]:
+    """Call api.get_metrics with named, bound parameters; rows as dicts with parsed labels."""
+    args = ", ".join(f"{name} => ${i}::{GET_METRICS_PARAMS[name]}"
+                     for i, name in enumerate(params, 1))
+    rows = await conn.fetch(f"SELECT * FROM api.get_metrics({args})", *params.values())
+    return [{**dict(r), "labels": json.loads(r["labels"])} for r in rows]
+
+
+def iso(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S")
