@@ -67,7 +67,8 @@ class PrivateCluster:
 
     def dsn(self, user: str | None = None, database: str = "postgres") -> str:
         """A libpq/asyncpg DSN over the unix socket."""
-        return f"postgresql://{user or self.superuser}@/{database}?host={self.socket_dir}&port={self.port}"
+        return (f"postgresql://{user or self.superuser}@/{database}"
+                f"?host={self.socket_dir}&port={self.port}")
 
     def _cmd(self, *args: str) -> list[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
@@ -88,7 +89,7 @@ class PrivateCluster:
 
     def start(self) -> PrivateCluster:
         self.init()
-        options = [f"-c listen_addresses=127.0.0.1", f"-p {self.port}",
+        options = ["-c listen_addresses=127.0.0.1", f"-p {self.port}",
                    f"-k {self.socket_dir}"]
         options += [f"-c {key}={value}" for key, value in self.settings.items()]
         subprocess.run(self._cmd("pg_ctl", "-D", str(self.datadir), "-w", "-t", "60",

@@ -84,8 +84,8 @@ def make_token(secret: str, role: str, expiry_days: int) -> str:
 async def _set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
     # Utility statements take no bind parameters: quote on the server, and keep the
     # statement out of the server log.
-    statement = await conn.fetchval("SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)",
-                                    role, password)
+    statement = await conn.fetchval(
+        "SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)", role, password)
     async with conn.transaction():
         await conn.execute("SET LOCAL log_statement = 'none'")
         await conn.execute("SET LOCAL log_min_error_statement = 'panic'")
@@ -159,7 +159,8 @@ async def load_jobmetrics_requests(conn: asyncpg.Connection, path: str) -> int:
     async with conn.transaction():
         await conn.execute("DELETE FROM kwollect.jobmetrics_requests")
         await conn.executemany(
-            "INSERT INTO kwollect.jobmetrics_requests (position, request) VALUES ($1, $2)", requests)
+            "INSERT INTO kwollect.jobmetrics_requests (position, request) VALUES ($1, $2)",
+            requests)
     return len(requests)
 
 
@@ -169,16 +170,19 @@ async def api_secret(conn: asyncpg.Connection, owner: str) -> str:
                        " singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
                        " secret text NOT NULL)")
     await _ddl(conn, "ALTER TABLE kwollect.api_secret OWNER TO %I", owner)
-    await conn.execute("INSERT INTO kwollect.api_secret (secret) VALUES ($1) ON CONFLICT DO NOTHING",
-                       secrets.token_urlsafe(48))
+    await conn.execute(
+        "INSERT INTO kwollect.api_secret (secret) VALUES ($1) ON CONFLICT DO NOTHING",
+        secrets.token_urlsafe(48))
     return await conn.fetchval("SELECT secret FROM kwollect.api_secret")
 
 
-async def set_timeouts(conn: asyncpg.Connection, conf: dict[str, Any], roles: dict[str, str]) -> None:
+async def set_timeouts(conn: asyncpg.Connection, conf: dict[str, Any],
+                       roles: dict[str, str]) -> None:
     minutes = positive_int(conf, "request_timeout_min")
     for key in ("writer_role", "reader_role"):
         statement = await conn.fetchval(
-            "SELECT format('ALTER ROLE %I IN DATABASE %I SET statement_timeout = %L', $1::text, $2::text, $3::text)",
+            "SELECT format('ALTER ROLE %I IN DATABASE %I SET statement_timeout = %L',"
+            " $1::text, $2::text, $3::text)",
             roles[key], conf["kwollect_db_name"], f"{minutes}min")
         await conn.execute(statement)
 
@@ -200,7 +204,8 @@ async def setup(conf: dict[str, Any]) -> tuple[str, str]:
     if not conf["kwollect_password"]:
         raise OptionError("kwollect_password (or kwollect_password_file) is mandatory")
     roles = role_names(conf["kwollect_user"])
-    passwords = {"writer_role": conf["kwollect_password"], "reader_role": conf["kwollect_password_ro"]}
+    passwords = {"writer_role": conf["kwollect_password"],
+                 "reader_role": conf["kwollect_password_ro"]}
     connect = {"host": conf["db_host"], "port": conf["db_port"], "user": conf["db_admin"],
                "password": conf["db_admin_password"] or None}
     admin = await asyncpg.connect(database="postgres", **connect)

@@ -1,8 +1,9 @@
 -- kwollect schema, part 4: 5-minute summaries, maintained incrementally.
 --
 -- kwollect.summary keeps count, avg, min, max and last of the numeric (non-NaN) values of
--- each series and 5-minute bucket, and nan_count, the number of NaN or NULL samples.  kwollect.refresh_summary() computes each bucket once,
--- when it is at least summary_lag_seconds old, plus the buckets that late rows touched
+-- each series and 5-minute bucket, and nan_count, the number of NaN or NULL samples.
+-- kwollect.refresh_summary() computes each bucket once, when it is at least
+-- summary_lag_seconds old, plus the buckets that late rows touched
 -- (kwollect.summary_dirty).  It is called by kwollect.maintain(), which `kwollect maintain`
 -- runs every minute (systemd/kwollect-maintain.timer), so summaries are at most
 -- 5 min + lag + 1 min behind.
@@ -54,13 +55,34 @@ BEGIN
     RETURN n;
 END $$;
 
--- Bring the summary up to date; returns the number of summary rows written.
-CREATE OR REPLACE FUNCTION kwollect.refresh_summary(p_max_span interval DEFAULT '1 day')
+-- Where fresh summarizing starts or resumes: `p_from`, or when no sample lies between
+-- p_from and the next partition, that partition's start (so years without data are skipped
+-- at the cost of one catalogue lookup).
+CREATE OR REPLACE FUNCTION kwollect.next_data_start(p_from timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN p_from IS NULL THEN
+            kwollect.bucket_of(least((SELECT min(range_start) FROM kwollect.partitions),
+                                     (SELECT min(ts) FROM kwollect_partitions.samples_default)))
+        WHEN EXISTS (SELECT 1 FROM kwollect.partitions
+                     WHERE range_start <= p_from AND range_end > p_from)
+          OR EXISTS (SELECT 1 FROM kwollect_partitions.samples_default WHERE ts >= p_from) THEN
+            p_from
+        ELSE coalesce((SELECT min(range_start) FROM kwollect.partitions WHERE range_start > p_from),
+                      p_from)
+    END
+$$;
+
+-- Bring the summary up to date; returns the number of summary rows written.  Fresh data is
+-- summarized a day at a time, for at most p_budget of wall-clock time per call.
+CREATE OR REPLACE FUNCTION kwollect.refresh_summary(p_budget interval DEFAULT '30 seconds')
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     target  timestamptz := kwollect.bucket_of(
                                now() - make_interval(secs => kwollect.setting('summary_lag_seconds')::int));
+    started timestamptz := clock_timestamp();
     wm      timestamptz;
+    upto    timestamptz;
     r       record;
     written bigint := 0;
 BEGIN
@@ -68,21 +90,14 @@ BEGIN
         RETURN 0;
     END IF;
     SELECT watermark INTO wm FROM kwollect.summary_state FOR UPDATE;
-    IF wm IS NULL THEN
-        wm := kwollect.bucket_of((SELECT min(ts) FROM kwollect.samples));
-    END IF;
-    -- Never more than p_max_span of fresh data at once, so one call stays short.
-    target := least(target, wm + p_max_span);
+    -- Late rows first: ranges already summarized that received rows since.
     FOR r IN
         WITH dirty AS (
             DELETE FROM kwollect.summary_dirty RETURNING lo, hi
         ), wanted AS (
             SELECT kwollect.bucket_of(lo) AS lo,
                    least(kwollect.bucket_of(hi) + interval '5 minutes', wm) AS hi
-            FROM dirty
-            WHERE lo < wm
-            UNION ALL
-            SELECT wm, target WHERE wm < target
+            FROM dirty WHERE lo < wm
         ), ordered AS (
             SELECT lo, hi, max(hi) OVER (ORDER BY lo, hi ROWS BETWEEN UNBOUNDED PRECEDING
                                                             AND 1 PRECEDING) AS prev_hi
@@ -96,11 +111,15 @@ BEGIN
     LOOP
         written := written + kwollect.summarize_range(r.lo, r.hi);
     END LOOP;
-    IF wm IS NOT NULL AND target > wm THEN
-        UPDATE kwollect.summary_state SET watermark = target;
-    ELSIF wm IS NOT NULL THEN
-        UPDATE kwollect.summary_state SET watermark = wm WHERE watermark IS NULL;
-    END IF;
+    -- Then fresh data, up to the buckets that are complete.
+    LOOP
+        wm := kwollect.next_data_start(wm);
+        EXIT WHEN wm IS NULL OR wm >= target OR clock_timestamp() - started > p_budget;
+        upto := least(target, wm + interval '1 day');
+        written := written + kwollect.summarize_range(wm, upto);
+        wm := upto;
+        UPDATE kwollect.summary_state SET watermark = wm;
+    END LOOP;
     RETURN written;
 END $$;
 

@@ -119,7 +119,7 @@ $$;
 
 -- Refuse requests over max_rows raw rows, before any row is sent.  The count comes from
 -- the summary's per-bucket sample counts (whole buckets) plus the raw rows not yet
--- summarized, so it is exact to within one 5-minute bucket at each end.
+-- summarized, so it is exact to within one 5-minute bucket at the start.
 CREATE OR REPLACE FUNCTION kwollect.check_row_bound(p_series integer[], p_start timestamptz,
                                                     p_end timestamptz)
 RETURNS boolean LANGUAGE plpgsql STABLE AS $$
@@ -133,6 +133,10 @@ BEGIN
         RETURN true;
     END IF;
     split := greatest(p_start, least(coalesce(watermark, p_start), p_end));
+    -- Rows written late are not in the summary yet: count the raw rows instead.
+    IF EXISTS (SELECT 1 FROM kwollect.summary_dirty d WHERE d.lo <= p_end AND d.hi >= p_start) THEN
+        split := p_start;
+    END IF;
     IF split > p_start THEN
         SELECT coalesce(sum(su.count + su.nan_count), 0) INTO n
         FROM kwollect.summary su

@@ -26,8 +26,8 @@ BEGIN
                    'public.promoted_metrics, public.nodetime_per_job, public.nodetime_by_job, '
                    'public.promoted_metrics_job TO %I, %I', writer, reader);
     EXECUTE format('GRANT SELECT ON kwollect.series, kwollect.samples, kwollect.summary, '
-                   'kwollect.summary_state, kwollect.settings, kwollect.partitions, '
-                   'kwollect.jobmetrics_requests TO %I, %I', writer, reader);
+                   'kwollect.summary_state, kwollect.summary_dirty, kwollect.settings, '
+                   'kwollect.partitions, kwollect.jobmetrics_requests TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA kwollect TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON FUNCTION api.get_metrics, api.available_metrics, '
                    'api.get_job_metrics TO %I, %I', writer, reader);

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-UTC = timezone.utc
+UTC = UTC
 T0 = datetime(2021, 1, 1, 22, 0, tzinfo=UTC)
 
 GET_METRICS_PARAMS = {"job_id": "integer", "nodes": "text", "devices": "text", "metrics": "text",
@@ -33,7 +33,9 @@ async def get_metrics(conn: asyncpg.Connection, **params) -> list[dict]:
     """Call api.get_metrics with named, bound parameters; rows as dicts with parsed labels."""
     args = ", ".join(f"{name} => ${i}::{GET_METRICS_PARAMS[name]}"
                      for i, name in enumerate(params, 1))
-    rows = await conn.fetch(f"SELECT * FROM api.get_metrics({args})", *params.values())
+    # parameter names come from the fixed GET_METRICS_PARAMS table; values are bound
+    query = f"SELECT * FROM api.get_metrics({args})"  # noqa: S608
+    rows = await conn.fetch(query, *params.values())
     return [{**dict(r), "labels": json.loads(r["labels"])} for r in rows]
 
 
