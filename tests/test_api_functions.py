@@ -1,0 +1,173 @@
+"""available_metrics, insert_metrics, get_job_metrics and update_promoted_metrics."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import asyncpg
+import pytest
+
+from tests.sqlapi import UTC, get_metrics, iso, load
+
+
+async def available(conn, at=None, params=None):
+    rows = await conn.fetch("SELECT * FROM api.available_metrics(coalesce($1, now()), $2::jsonb)",
+                            at, json.dumps(params or {}))
+    return [(r["device_id"], r["metric_id"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+async def recent(kwdb):
+    conn = await kwdb.connect("kwuser")
+    now = datetime.now(UTC)
+    rows = [(now - timedelta(seconds=20), dev, met, 1.0, None)
+            for dev in ("av-10", "av-2", "av-1", "avswitch-1-eth1", "avswitch-1-eth0")
+            for met in ("b_metric", "a_metric")]
+    rows += [(now - timedelta(seconds=20), "av-port1", "w", 5.0, {"_device_alias": "av-node"}),
+             (now - timedelta(minutes=10), "av-old", "m", 1.0, None)]
+    await load(conn, rows)
+    await conn.execute("INSERT INTO nodetime_per_job VALUES (8001, $1, NULL, 'av-2')",
+                       now - timedelta(hours=1))
+    await conn.close()
+    return now
+
+
+async def test_available_metrics_natural_order_without_collapsing(reader, recent):
+    got = [pair for pair in await available(reader) if pair[0].startswith("av")]
+    assert got == [
+        ("av-1", "a_metric"), ("av-1", "b_metric"), ("av-2", "a_metric"), ("av-2", "b_metric"),
+        ("av-10", "a_metric"), ("av-10", "b_metric"),
+        ("av-node", "w"), ("av-port1", "w"),
+        # the reference's DISTINCT ON kept only one of these two
+        ("avswitch-1-eth0", "a_metric"), ("avswitch-1-eth0", "b_metric"),
+        ("avswitch-1-eth1", "a_metric"), ("avswitch-1-eth1", "b_metric")]
+
+
+async def test_available_metrics_filters(reader, recent):
+    assert await available(reader, params={"devices": ["av-10", "av-node"]}) == [
+        ("av-10", "a_metric"), ("av-10", "b_metric"), ("av-node", "w")]
+    assert await available(reader, params={"job_id": "8001"}) == [
+        ("av-2", "a_metric"), ("av-2", "b_metric")]
+    assert ("av-old", "m") in await available(reader, at=recent - timedelta(minutes=9, seconds=30))
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="should be JSON array"):
+        await available(reader, params={"devices": "av-1"})
+
+
+async def test_insert_metrics_one_object_and_array(writer):
+    one = await writer.fetch(
+        "SELECT * FROM api.insert_metrics(device_id => 'in-1', metric_id => 'example_metric', "
+        "\"timestamp\" => '2020-01-06 14:00:00', value => 42)")
+    assert [(r["timestamp"], r["value"]) for r in one] == [
+        (datetime(2020, 1, 6, 14, tzinfo=UTC), 42.0)]
+    many = await writer.fetch("SELECT * FROM api.insert_metrics($1::jsonb)", json.dumps([
+        {"device_id": "in-2", "metric_id": "example_metric1", "value": 42},
+        {"device_id": "in-2", "metric_id": "example_metric2", "value": 22,
+         "timestamp": 1578319200.5, "labels": {"unit": "W"}}]))
+    assert [(r["metric_id"], r["value"]) for r in many] == [("example_metric1", 42.0),
+                                                             ("example_metric2", 22.0)]
+    rows = await get_metrics(writer, devices="in-2", start_time="1578319200",
+                             end_time="1578319201")
+    assert rows == [{"timestamp": datetime(2020, 1, 6, 14, 0, 0, 500000, tzinfo=UTC),
+                     "device_id": "in-2", "metric_id": "example_metric2", "value": 22.0,
+                     "labels": {"unit": "W"}}]
+
+
+async def test_insert_metrics_array_is_atomic_and_names_the_bad_row(writer):
+    rows = [{"device_id": "in-3", "metric_id": "m", "value": 1},
+            {"device_id": "in-3", "value": 2}]
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="row 2 is invalid"):
+        await writer.fetch("SELECT * FROM api.insert_metrics($1::jsonb)", json.dumps(rows))
+    assert await writer.fetchval("SELECT count(*) FROM metrics WHERE device_id = 'in-3'") == 0
+
+
+async def test_reader_cannot_write(reader):
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await reader.fetch("SELECT * FROM api.insert_metrics(device_id => 'x', metric_id => 'y')")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await reader.execute("INSERT INTO metrics (device_id, metric_id) VALUES ('x', 'y')")
+    for statement in ("INSERT INTO kwollect.samples VALUES (now(), 1, 1)",
+                      "DELETE FROM kwollect.series", "INSERT INTO promoted_metrics VALUES ('a')",
+                      "SELECT kwollect.ensure_partitions(ARRAY[now()])",
+                      "CREATE TABLE public.evil (x int)", "SELECT * FROM kwollect.api_secret"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await reader.execute(statement)
+
+
+async def test_writer_is_not_owner(writer):
+    for statement in ("CREATE TABLE public.evil (x int)", "DROP VIEW metrics",
+                      "DELETE FROM kwollect.series", "SELECT * FROM kwollect.api_secret",
+                      "TRUNCATE kwollect.samples"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await writer.execute(statement)
+
+
+async def test_no_untrusted_language_is_trusted(admin):
+    trusted_untrusted = await admin.fetch(
+        "SELECT lanname FROM pg_language WHERE lanpltrusted AND lanname LIKE '%u'")
+    assert trusted_untrusted == []
+
+
+async def test_job_energy_and_requests(admin, writer, reader):
+    start = datetime(2023, 5, 5, 10, 0, tzinfo=UTC)
+    # node 1: constant 100 W for one hour; node 2: a ramp 0 -> 360 W (average 180 W)
+    await load(writer, [(start + timedelta(seconds=60 * i), "je-1", "bmc_node_power_watt", 100.0,
+                         None) for i in range(61)])
+    await load(writer, [(start + timedelta(seconds=60 * i), "je-2", "bmc_node_power_watt",
+                         6.0 * i, None) for i in range(61)])
+    await writer.execute("INSERT INTO nodetime_per_job VALUES (9001, $1, $2, 'je-1'), "
+                         "(9001, $1, $2, 'je-2')", start, start + timedelta(hours=1))
+    await admin.execute("INSERT INTO kwollect.jobmetrics_requests VALUES "
+                        "(1, 'SELECT max(value) AS jobnode_maxpower_watt FROM jobmetrics "
+                        "WHERE metric_id = ''bmc_node_power_watt''')")
+    try:
+        result = json.loads(await reader.fetchval("SELECT api.get_job_metrics(9001)"))
+    finally:
+        await admin.execute("DELETE FROM kwollect.jobmetrics_requests")
+    assert result["node_energy_watthour"] == pytest.approx({"je-1": 100.0, "je-2": 180.0})
+    assert result["job_energy_watthour"] == pytest.approx(280.0)
+    assert result["jobnode_maxpower_watt"] == 360.0
+    with pytest.raises(asyncpg.NoDataFoundError):
+        await reader.fetchval("SELECT api.get_job_metrics(9999999)")
+
+
+async def test_update_promoted_metrics_keeps_manual_rows(admin, writer):
+    await writer.execute("DELETE FROM promoted_metrics")
+    await writer.execute("INSERT INTO promoted_metrics (device_id, metric_id) VALUES ('pm-0', 'x')")
+    await admin.execute(
+        "CREATE OR REPLACE VIEW promoted_metrics_job AS "
+        "SELECT * FROM (VALUES (1, 'pm-1', NULL), (2, 'pm-2', 'wattmetre.*')) "
+        "AS v(job_id, node, metric_id)")
+    try:
+        rows = await writer.fetch("SELECT * FROM api.update_promoted_metrics()")
+        assert sorted((r["device_id"], r["metric_id"], r["job_id"]) for r in rows) == [
+            ("pm-0", "x", None), ("pm-1", ".*", 1), ("pm-2", "wattmetre.*", 2)]
+        await admin.execute("CREATE OR REPLACE VIEW promoted_metrics_job AS "
+                            "SELECT 2 AS job_id, 'pm-2' AS node, 'wattmetre.*' AS metric_id")
+        await writer.fetch("SELECT * FROM api.update_promoted_metrics()")
+        rows = await writer.fetch("SELECT device_id FROM promoted_metrics ORDER BY 1")
+        assert [r["device_id"] for r in rows] == ["pm-0", "pm-2"]
+    finally:
+        await admin.execute("CREATE OR REPLACE VIEW promoted_metrics_job AS "
+                            "SELECT NULL::integer AS job_id, NULL::text AS node, "
+                            "NULL::text AS metric_id WHERE false")
+        await writer.execute("DELETE FROM promoted_metrics")
+
+
+async def test_site_replaces_nodetime_by_job(admin, writer, reader):
+    start = datetime(2023, 6, 6, 10, 0, tzinfo=UTC)
+    await load(writer, [(start + timedelta(minutes=i), "sj-1", "m", float(i), None)
+                        for i in range(10)])
+    await admin.execute(
+        "CREATE TABLE site_jobs (id int, t0 timestamptz, t1 timestamptz, host text)")
+    # the view keeps its owner (kwuser_owner), which reads the site's table
+    await admin.execute("GRANT SELECT ON site_jobs TO kwuser_owner")
+    await admin.execute("INSERT INTO site_jobs VALUES (555, $1, $2, 'sj-1.site')",
+                        start + timedelta(minutes=2), start + timedelta(minutes=4))
+    await admin.execute(
+        "CREATE OR REPLACE VIEW nodetime_by_job AS SELECT job_id, start_time, stop_time, node "
+        "FROM nodetime_per_job UNION ALL "
+        "SELECT id, t0, t1, split_part(host, '.', 1) FROM site_jobs")
+    rows = await get_metrics(reader, job_id=555)
+    assert [r["value"] for r in rows] == [2.0, 3.0, 4.0]
+    assert iso(rows[0]["timestamp"]) == iso(start + timedelta(minutes=2))
