@@ -1,0 +1,212 @@
+"""HTTP plumbing shared by the HTTP-based protocols (Prometheus exporters, JSON/Redfish APIs).
+
+A metric URL names the resource, the credentials and a few kwollect options; this module
+turns it into an `HttpTarget` (the hashable key of the protocol registry) and reads the
+target with one keep-alive aiohttp session.
+
+Options common to every HTTP-based scheme, given as query parameters of the metric URL
+(values are percent-decoded; every other query parameter is sent to the server unchanged):
+
+- ``bearer_file=/abs/path``: send ``Authorization: Bearer <token>``, the token being the
+  content of that file (stripped). The file is read at every request, so a rotated token is
+  picked up, and the token never appears in metric descriptions or config dumps.
+- ``ca_file=/abs/path`` (https only): PEM file of the CA(s) trusted for the server
+  certificate, instead of the system store.
+- ``insecure=1`` (https only): do not verify the server certificate at all.
+
+Basic authentication is ``user:password@`` in the URL (percent-decoded); it cannot be
+combined with ``bearer_file``. Redirects are not followed: a 3xx answer is an error naming
+the new location, so credentials never travel to a host the description does not name.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import SplitResult, unquote
+
+import aiohttp
+
+_COMMON_OPTIONS = frozenset({"bearer_file", "ca_file", "insecure"})
+_TRUE = frozenset({"", "1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class FetchError(Exception):
+    """An HTTP target could not be read; the message names the target, never a password."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTarget:
+    """Everything needed to GET one resource; equal targets share one request per period."""
+
+    url: str
+    """The URL requested (no credentials, no kwollect options): safe to log."""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    bearer_file: str | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def split_query(query: str) -> list[tuple[str, str, str]]:
+    """``(decoded name, decoded value, raw item)`` for each ``&``-separated query item.
+
+    Decoding does not turn ``+`` into a space, so file paths survive as written.
+    """
+    items = []
+    for raw in query.split("&"):
+        if raw:
+            name, _, value = raw.partition("=")
+            items.append((unquote(name), unquote(value), raw))
+    return items
+
+
+def http_target(parts: SplitResult, secure: bool, path: str,
+                options: dict[str, str], forwarded: Collection[str]) -> HttpTarget:
+    """Build the target from a parsed metric URL.
+
+    `options` are the kwollect options found in the query (see `take_options`), `forwarded`
+    the raw query items sent to the server. Raises ValueError naming what is wrong.
+    """
+    host = parts.hostname
+    if not host:
+        raise ValueError("no host in URL")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid port in URL: {exc}") from None
+    if port is None:
+        port = 443 if secure else 80
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"{'https' if secure else 'http'}://{host}:{port}{path}"
+    if forwarded:
+        url += "?" + "&".join(forwarded)
+
+    bearer_file = options.get("bearer_file")
+    ca_file = options.get("ca_file")
+    insecure = _flag(options["insecure"]) if "insecure" in options else False
+    for name, value in (("bearer_file", bearer_file), ("ca_file", ca_file)):
+        if value is not None and not Path(value).is_absolute():
+            raise ValueError(f"{name} must be an absolute path, got {value!r}")
+    if not secure and (ca_file is not None or "insecure" in options):
+        raise ValueError("ca_file and insecure only apply to https URLs")
+    username = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if bearer_file is not None and username is not None:
+        raise ValueError("give either user:password@ (basic auth) or bearer_file, not both")
+    return HttpTarget(url, username, password, bearer_file, ca_file, insecure)
+
+
+def take_options(query: str, own: Collection[str]) -> tuple[dict[str, str], list[str]]:
+    """Split a query into kwollect options (the common ones plus `own`) and forwarded items."""
+    known = _COMMON_OPTIONS | set(own)
+    options: dict[str, str] = {}
+    forwarded: list[str] = []
+    for name, value, raw in split_query(query):
+        if name not in known:
+            forwarded.append(raw)
+        elif name in options:
+            raise ValueError(f"option {name!r} given twice")
+        else:
+            options[name] = value
+    return options, forwarded
+
+
+def _flag(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"insecure must be 1/0, true/false, yes/no or on/off, got {value!r}")
+
+
+class Response(NamedTuple):
+    body: bytes
+    content_type: str
+    """Media type without parameters, lower case (e.g. ``text/plain``)."""
+    start_ns: int
+    """Wall-clock time just before the request was sent."""
+    end_ns: int
+    """Wall-clock time once the whole body was read."""
+
+
+class HttpClient:
+    """One keep-alive session to one target, made on first use (it needs the running loop)."""
+
+    def __init__(self, target: HttpTarget, timeout: float, what: str,
+                 headers: dict[str, str] | None = None) -> None:
+        self.target = target
+        self._timeout = timeout
+        self._what = what
+        self._headers = headers or {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        target = self.target
+        ssl_option: ssl.SSLContext | bool = True
+        if target.url.startswith("https:"):
+            try:
+                context = ssl.create_default_context(cafile=target.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise FetchError(f"{self._what} {target}: cannot load ca_file "
+                                 f"{target.ca_file}: {exc}") from exc
+            if target.insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            ssl_option = context
+        headers = dict(self._headers)
+        if target.username is not None:
+            credentials = f"{target.username}:{target.password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_option), headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self._timeout))
+
+    def _auth_headers(self) -> dict[str, str] | None:
+        if self.target.bearer_file is None:
+            return None
+        try:
+            token = Path(self.target.bearer_file).read_text().strip()
+        except OSError as exc:
+            raise FetchError(f"{self._what} {self.target}: cannot read bearer_file: "
+                             f"{exc}") from exc
+        return {"Authorization": f"Bearer {token}"}
+
+    async def get(self) -> Response:
+        """GET the target; any failure raises FetchError naming the target."""
+        if self._session is None:
+            self._session = self._open()
+        headers = self._auth_headers()
+        where = f"{self._what} {self.target}"
+        start_ns = time.time_ns()
+        try:
+            async with self._session.get(self.target.url, headers=headers,
+                                         allow_redirects=False) as resp:
+                if resp.status != 200:
+                    detail = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+                    if "Location" in resp.headers:
+                        detail += f" to {resp.headers['Location']} (redirects are not followed)"
+                    raise FetchError(f"{where}: {detail}")
+                body = await resp.read()
+                content_type = resp.content_type
+        except TimeoutError as exc:
+            raise FetchError(f"{where}: no complete answer within {self._timeout:g} s") from exc
+        except aiohttp.ClientError as exc:
+            raise FetchError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        return Response(body, content_type, start_ns, time.time_ns())
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
