@@ -18,6 +18,7 @@ CREATE OR REPLACE FUNCTION kwollect.metrics_insert_row() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     sid integer;
+    late_before timestamptz;
 BEGIN
     IF NEW."timestamp" IS NULL OR NEW.device_id IS NULL OR NEW.metric_id IS NULL THEN
         RAISE EXCEPTION 'metrics: timestamp, device_id and metric_id must not be null'
@@ -25,13 +26,31 @@ BEGIN
                   DETAIL = format('device_id=%s metric_id=%s timestamp=%s',
                                   NEW.device_id, NEW.metric_id, NEW."timestamp");
     END IF;
-    sid := (kwollect.series_ids(ARRAY[NEW.device_id], ARRAY[NEW.metric_id],
-                                ARRAY[coalesce(NEW.labels, '{}')]))[1];
-    IF NOT kwollect.partition_exists(NEW."timestamp") THEN
-        PERFORM kwollect.ensure_partitions(ARRAY[NEW."timestamp"]);
+    NEW.labels := coalesce(NEW.labels, '{}');
+    SELECT series_id INTO sid FROM kwollect.series
+    WHERE device_id = NEW.device_id AND metric_id = NEW.metric_id AND labels = NEW.labels;
+    IF NOT FOUND THEN
+        sid := (kwollect.series_ids(ARRAY[NEW.device_id], ARRAY[NEW.metric_id],
+                                    ARRAY[NEW.labels]))[1];
+    END IF;
+    -- The bounds of the last partition this transaction saw, to skip the look-up.
+    IF NOT (NEW."timestamp" >= nullif(current_setting('kwollect.part_lo', true), '')::timestamptz
+            AND NEW."timestamp" < nullif(current_setting('kwollect.part_hi', true), '')::timestamptz)
+       IS TRUE THEN
+        IF NOT kwollect.partition_exists(NEW."timestamp") THEN
+            PERFORM kwollect.ensure_partitions(ARRAY[NEW."timestamp"]);
+        END IF;
+        PERFORM set_config('kwollect.part_lo', range_start::text, true),
+                set_config('kwollect.part_hi', range_end::text, true)
+        FROM kwollect.partitions WHERE range_start <= NEW."timestamp" AND range_end > NEW."timestamp";
     END IF;
     INSERT INTO kwollect.samples (ts, value, series_id) VALUES (NEW."timestamp", NEW.value, sid);
-    IF NEW."timestamp" < now() - make_interval(secs => kwollect.setting('summary_lag_seconds')::int / 2) THEN
+    late_before := nullif(current_setting('kwollect.late_before', true), '')::timestamptz;
+    IF late_before IS NULL THEN
+        late_before := now() - make_interval(secs => kwollect.setting('summary_lag_seconds')::int / 2);
+        PERFORM set_config('kwollect.late_before', late_before::text, true);
+    END IF;
+    IF NEW."timestamp" < late_before THEN
         PERFORM set_config('kwollect.late_lo',
                            least(nullif(current_setting('kwollect.late_lo', true), '')::timestamptz,
                                  NEW."timestamp")::text, true);
@@ -39,7 +58,6 @@ BEGIN
                            greatest(nullif(current_setting('kwollect.late_hi', true), '')::timestamptz,
                                     NEW."timestamp")::text, true);
     END IF;
-    NEW.labels := coalesce(NEW.labels, '{}');
     RETURN NEW;
 END $$;
 
@@ -49,7 +67,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM kwollect.mark_late(nullif(current_setting('kwollect.late_lo', true), '')::timestamptz,
                                nullif(current_setting('kwollect.late_hi', true), '')::timestamptz);
-    PERFORM set_config('kwollect.late_lo', '', true), set_config('kwollect.late_hi', '', true);
+    PERFORM set_config('kwollect.late_lo', '', true), set_config('kwollect.late_hi', '', true),
+            set_config('kwollect.late_before', '', true);
     RETURN NULL;
 END $$;
 
