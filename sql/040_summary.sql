@@ -167,9 +167,9 @@ CROSS JOIN LATERAL (
 
 -- Periodic maintenance: partitions ahead of time, stray rows out of the default
 -- partition, summaries up to date.  Safe to run concurrently (the second caller waits or
--- skips).
+-- skips).  Runs as the owner; the writer role may call it (`kwollect maintain`).
 CREATE OR REPLACE FUNCTION kwollect.maintain() RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     step     interval := make_interval(hours => kwollect.setting('chunk_interval_hour')::int);
     ahead    integer := kwollect.setting('partitions_ahead')::int;

@@ -4,7 +4,7 @@
 -- Times: epoch seconds (fractional allowed) or any timestamptz literal; a literal without
 -- an offset is read as UTC, whatever the session's TimeZone.
 CREATE OR REPLACE FUNCTION kwollect.parse_time(p_text text, p_name text DEFAULT 'time')
-RETURNS timestamptz LANGUAGE plpgsql STABLE
+RETURNS timestamptz LANGUAGE plpgsql STABLE PARALLEL RESTRICTED
 SET timezone = 'UTC' AS $$
 BEGIN
     IF p_text IS NULL OR btrim(p_text) = '' THEN
@@ -51,7 +51,7 @@ CREATE OR REPLACE FUNCTION kwollect.metrics_request(
     p_job_id integer, p_nodes text, p_devices text, p_metrics text,
     p_start text, p_end text)
 RETURNS TABLE (start_time timestamptz, end_time timestamptz, devices text[], metrics text[])
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED AS $$
 DECLARE
     t0 timestamptz := kwollect.parse_time(p_start, 'start_time');
     t1 timestamptz := kwollect.parse_time(p_end, 'end_time');
@@ -97,7 +97,7 @@ END $$;
 CREATE OR REPLACE FUNCTION kwollect.request_series(p_devices text[], p_metrics text[])
 RETURNS TABLE (series_id integer, via_alias boolean, rank bigint, out_device text,
                metric_id text, out_labels jsonb, orig_device text)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT s.series_id, s.via_alias,
            dense_rank() OVER (ORDER BY s.out_device COLLATE "C", s.metric_id COLLATE "C",
                               s.out_labels),
@@ -122,7 +122,7 @@ $$;
 -- summarized, so it is exact to within one 5-minute bucket at the start.
 CREATE OR REPLACE FUNCTION kwollect.check_row_bound(p_series integer[], p_start timestamptz,
                                                     p_end timestamptz)
-RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+RETURNS boolean LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
     bound     bigint := kwollect.setting('max_rows')::bigint;
     watermark timestamptz := (SELECT s.watermark FROM kwollect.summary_state s);
@@ -161,13 +161,29 @@ BEGIN
     RETURN true;
 END $$;
 
--- The rows of a get_metrics call, unsorted, with the rank of their series.
-CREATE OR REPLACE FUNCTION kwollect.metrics_rows(
+-- Rank of each requested own series, as an integer array indexed by series_id - base + 1
+-- (an O(1) look-up per row, which keeps the sort of samples narrow).
+CREATE OR REPLACE FUNCTION kwollect.rank_map(p_series integer[], p_ranks bigint[],
+                                             OUT base integer, OUT ranks integer[])
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT min(u.sid),
+           (SELECT array_agg(coalesce(r.rank, 0)::integer ORDER BY g)
+            FROM generate_series(min(u.sid), max(u.sid)) g
+            LEFT JOIN unnest(p_series, p_ranks) AS r(sid, rank) ON r.sid = g)
+    FROM unnest(p_series) AS u(sid)
+$$;
+
+-- The rows of a get_metrics call in narrow form, unsorted: (ts, rank of the output series,
+-- value, series_id, via_alias, orig).  Own rows are read by one bitmap scan per partition
+-- over all requested series (each heap page once); alias rows are summed per timestamp,
+-- with series_id one of their sources and orig the list of sources (_device_orig).
+-- get_metrics sorts these narrow rows and only then adds the text columns.
+CREATE OR REPLACE FUNCTION kwollect.metrics_narrow(
     p_job_id integer, p_nodes text, p_devices text, p_metrics text,
     p_start text, p_end text, p_summary boolean)
-RETURNS TABLE (ts timestamptz, rank bigint, device_id text, metric_id text,
-               value double precision, labels jsonb)
-LANGUAGE sql STABLE AS $$
+RETURNS TABLE (ts timestamptz, rank integer, value double precision, series_id integer,
+               via_alias boolean, orig jsonb)
+LANGUAGE sql STABLE PARALLEL RESTRICTED AS $$
     WITH req AS MATERIALIZED (
         SELECT * FROM kwollect.metrics_request(p_job_id, p_nodes, p_devices, p_metrics,
                                                p_start, p_end)
@@ -176,42 +192,49 @@ LANGUAGE sql STABLE AS $$
     ), win AS MATERIALIZED (
         SELECT req.start_time AS t0, req.end_time AS t1,
                kwollect.minute_key(req.start_time) AS k0, kwollect.minute_key(req.end_time) AS k1,
+               own.ids AS own_ids, (own.map).base, (own.map).ranks,
                coalesce(p_summary, false)
                    OR kwollect.check_row_bound((SELECT array_agg(sel.series_id) FROM sel),
                                                req.start_time, req.end_time) AS ok
-        FROM req
+        FROM req, (SELECT array_agg(sel.series_id) AS ids,
+                          kwollect.rank_map(array_agg(sel.series_id), array_agg(sel.rank)) AS map
+                   FROM sel WHERE NOT sel.via_alias) own
     )
-    SELECT s.ts, k.rank, k.out_device, k.metric_id, s.value, k.out_labels
-    FROM sel k
-    JOIN kwollect.samples s ON s.series_id = k.series_id
-    WHERE NOT coalesce(p_summary, false) AND NOT k.via_alias AND (SELECT ok FROM win)
-      AND kwollect.minute_key(s.ts) BETWEEN (SELECT k0 FROM win) AND (SELECT k1 FROM win)
-      AND s.ts >= (SELECT t0 FROM win) AND s.ts <= (SELECT t1 FROM win)
+    SELECT x.ts, (SELECT ranks FROM win)[x.series_id - (SELECT base FROM win) + 1],
+           x.value, x.series_id, false, NULL::jsonb
+    FROM kwollect.samples x
+    WHERE NOT coalesce(p_summary, false) AND (SELECT ok FROM win)
+      -- The OR (whose second arm matches nothing) makes the planner read the heap with a
+      -- bitmap scan, in physical order, instead of an index scan that would visit one heap
+      -- page per row: run-time parameters hide how many rows match.
+      AND ((x.series_id = ANY ((SELECT own_ids FROM win)::integer[])
+            AND kwollect.minute_key(x.ts) BETWEEN (SELECT k0 FROM win) AND (SELECT k1 FROM win))
+           OR (x.series_id = ANY ('{}'::integer[]) AND kwollect.minute_key(x.ts) = 0))
+      AND x.ts >= (SELECT t0 FROM win) AND x.ts <= (SELECT t1 FROM win)
     UNION ALL
-    SELECT s.ts, k.rank, k.out_device, k.metric_id, sum(s.value),
-           k.out_labels || jsonb_build_object('_device_orig', jsonb_agg(DISTINCT k.orig_device))
+    SELECT s.ts, k.rank::integer, sum(s.value), min(k.series_id), true,
+           jsonb_agg(DISTINCT k.orig_device)
     FROM sel k
     JOIN kwollect.samples s ON s.series_id = k.series_id
     WHERE NOT coalesce(p_summary, false) AND k.via_alias AND (SELECT ok FROM win)
       AND kwollect.minute_key(s.ts) BETWEEN (SELECT k0 FROM win) AND (SELECT k1 FROM win)
       AND s.ts >= (SELECT t0 FROM win) AND s.ts <= (SELECT t1 FROM win)
-    GROUP BY s.ts, k.rank, k.out_device, k.metric_id, k.out_labels
+    GROUP BY s.ts, k.rank
     UNION ALL
-    SELECT su.bucket, k.rank, k.out_device, k.metric_id,
-           kwollect.summary_value(k.metric_id, su.avg, su.max), k.out_labels
+    SELECT su.bucket, k.rank::integer, kwollect.summary_value(k.metric_id, su.avg, su.max),
+           k.series_id, false, NULL::jsonb
     FROM sel k
     JOIN kwollect.summary su ON su.series_id = k.series_id
     WHERE coalesce(p_summary, false) AND NOT k.via_alias
       AND su.bucket >= (SELECT t0 FROM win) AND su.bucket <= (SELECT t1 FROM win)
     UNION ALL
-    SELECT su.bucket, k.rank, k.out_device, k.metric_id,
-           sum(kwollect.summary_value(k.metric_id, su.avg, su.max)),
-           k.out_labels || jsonb_build_object('_device_orig', jsonb_agg(DISTINCT k.orig_device))
+    SELECT su.bucket, k.rank::integer, sum(kwollect.summary_value(k.metric_id, su.avg, su.max)),
+           min(k.series_id), true, jsonb_agg(DISTINCT k.orig_device)
     FROM sel k
     JOIN kwollect.summary su ON su.series_id = k.series_id
     WHERE coalesce(p_summary, false) AND k.via_alias
       AND su.bucket >= (SELECT t0 FROM win) AND su.bucket <= (SELECT t1 FROM win)
-    GROUP BY su.bucket, k.rank, k.out_device, k.metric_id, k.out_labels
+    GROUP BY su.bucket, k.rank
 $$;
 
 -- Per-second rate of a counter between two samples, with the reference's reset rule:
@@ -239,30 +262,41 @@ CREATE OR REPLACE FUNCTION api.get_metrics(
 RETURNS TABLE ("timestamp" timestamptz, device_id text, metric_id text,
                value double precision, labels jsonb)
 LANGUAGE sql STABLE AS $$
-    SELECT r.ts, r.device_id, r.metric_id, r.value, r.labels
+    SELECT n.ts,
+           CASE WHEN n.via_alias THEN se.device_alias ELSE se.device_id END,
+           se.metric_id,
+           CASE WHEN n.rate_mode = 'all' OR (n.rate_mode = 'auto' AND se.metric_id LIKE '%\_total')
+                THEN n.rate ELSE n.value END,
+           CASE WHEN n.via_alias THEN se.labels || jsonb_build_object('_device_orig', n.orig)
+                ELSE se.labels END
     FROM (
-        SELECT m.ts, m.rank, m.device_id, m.metric_id, m.value, m.labels
-        FROM kwollect.metrics_rows(job_id, nodes, devices, metrics, start_time, end_time, summary) m
+        SELECT m.ts, m.rank, m.value, NULL::double precision AS rate, m.series_id,
+               m.via_alias, m.orig, 'no' AS rate_mode
+        FROM kwollect.metrics_narrow(job_id, nodes, devices, metrics, start_time, end_time,
+                                     summary) m
         WHERE kwollect.parse_as_rate(as_rate) = 'no'
         UNION ALL
-        SELECT w.ts, w.rank, w.device_id, w.metric_id,
-               CASE WHEN kwollect.parse_as_rate(as_rate) = 'all' OR w.metric_id LIKE '%\_total'
-                    THEN kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts)
-                    ELSE w.value END,
-               w.labels
+        SELECT w.ts, w.rank, w.value,
+               kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts),
+               w.series_id, w.via_alias, w.orig, kwollect.parse_as_rate(as_rate)
         FROM (
             SELECT m.*,
                    lag(m.value) OVER series AS prev,
                    lag(m.ts) OVER series AS prev_ts,
                    max(m.value) OVER (series ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
                        AS running_max
-            FROM kwollect.metrics_rows(job_id, nodes, devices, metrics, start_time, end_time,
-                                       summary) m
+            FROM kwollect.metrics_narrow(job_id, nodes, devices, metrics, start_time, end_time,
+                                         summary) m
             WHERE kwollect.parse_as_rate(as_rate) <> 'no'
             WINDOW series AS (PARTITION BY m.rank ORDER BY m.ts)
         ) w
-    ) r
-    ORDER BY r.ts, r.rank
+        ORDER BY 1, 2
+    ) n
+    CROSS JOIN LATERAL (
+        SELECT se.device_id, se.device_alias, se.metric_id, se.labels - '_device_alias' AS labels
+        FROM kwollect.series se WHERE se.series_id = n.series_id
+    ) se
+    ORDER BY n.ts, n.rank
 $$;
 COMMENT ON FUNCTION api.get_metrics IS
     'Samples of devices (or of a job''s nodes) between start_time and end_time, both '

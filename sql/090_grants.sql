@@ -41,5 +41,5 @@ BEGIN
                    'api.insert_metrics(jsonb), api.update_promoted_metrics() TO %I', writer);
     -- Partition management runs as the owner (SECURITY DEFINER) and only for the writer.
     EXECUTE format('REVOKE EXECUTE ON FUNCTION kwollect.ensure_partitions(timestamptz[]), '
-                   'kwollect.relocate_default_rows() FROM %I', reader);
+                   'kwollect.relocate_default_rows(), kwollect.maintain() FROM %I', reader);
 END $$;
