@@ -131,6 +131,14 @@ LANGUAGE sql AS $$
       AND p_lo < now() - make_interval(secs => kwollect.setting('summary_lag_seconds')::int / 2)
 $$;
 
+-- Batches committed by collectors' writers: a batch whose COMMIT outcome was lost (the
+-- connection broke) is looked up here before it is sent again, so retries never duplicate
+-- samples.  kwollect.maintain() forgets batches after 7 days.
+CREATE TABLE IF NOT EXISTS kwollect.written_batches (
+    batch_id   uuid PRIMARY KEY,
+    written_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- The series ids of (device, metric, labels) triples, created when new; in input order.
 CREATE OR REPLACE FUNCTION kwollect.series_ids(p_device text[], p_metric text[], p_labels jsonb[])
 RETURNS integer[] LANGUAGE plpgsql AS $$

@@ -34,7 +34,8 @@ BEGIN
 
     -- Writing: samples (through the view, the API or binary COPY), series, promotion.
     EXECUTE format('GRANT INSERT ON public.metrics, kwollect.samples, kwollect.series, '
-                   'kwollect.summary_dirty TO %I', writer);
+                   'kwollect.summary_dirty, kwollect.written_batches TO %I', writer);
+    EXECUTE format('GRANT SELECT ON kwollect.written_batches TO %I', writer);
     EXECUTE format('GRANT INSERT, UPDATE, DELETE ON public.promoted_metrics, '
                    'public.nodetime_per_job TO %I', writer);
     EXECUTE format('GRANT EXECUTE ON FUNCTION api.insert_metrics(text, text, text, double precision, jsonb), '
