@@ -1,0 +1,113 @@
+"""metrics.d loading: the reference format, clear errors, broken files skipped."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from kwollect.config import ConfigError, load_metrics_dir
+
+REFERENCE_FILE = """\
+- name: idrac_power_watth_total
+  device_id: node-1
+  url: snmp://public@node-1-admin.domain.com/1.3.6.1.4.1.674.10892.5.4.600.60.1.7.1.1
+  update_every: 5000
+
+- name: idrac_power_watt
+  device_id: node-1
+  url: snmp://public@node-1-admin.domain.com/1.3.6.1.4.1.674.10892.5.4.600.30.1.6.1.3
+  update_every: 5000
+  scale_factor: 0.1
+  labels: {_device_alias: node-1-psu}
+"""
+
+
+def write(directory, name, text):
+    (directory / name).write_text(textwrap.dedent(text))
+
+
+def test_reference_file_and_single_mapping(tmp_path):
+    write(tmp_path, "node-1.yaml", REFERENCE_FILE)
+    write(tmp_path, "pdu", """\
+        name: pdu_outlet_power_watt
+        device_id: node-2
+        url: snmp://public@127.0.0.1:1161/1.3.6.1.4.1.534.6.6.7.6.5.1.3.0.2
+        optional: true
+        optional_update_every: 20
+    """)
+    result = load_metrics_dir(tmp_path)
+    assert result.errors == [] and result.files_read == 2
+    by_name = {d.name: d for d in result.descriptions}
+    assert by_name["idrac_power_watt"].scale_factor == 0.1
+    assert by_name["idrac_power_watt"].labels == {"_device_alias": "node-1-psu"}
+    assert by_name["idrac_power_watt"].update_every_ms == 5000
+    pdu = by_name["pdu_outlet_power_watt"]
+    assert pdu.optional and pdu.optional_update_every_ms == 20 and pdu.update_every_ms == 10_000
+
+
+def test_broken_file_is_reported_and_skipped(tmp_path):
+    write(tmp_path, "good.yaml", REFERENCE_FILE)
+    write(tmp_path, "bad.yaml", """\
+        - name: m1
+          device_id: node-3
+          url: snmp://public@127.0.0.1/1.3.6.1.2.1.1.3.0
+          update_evry: 1000
+        - name: m2
+          url: gopher://node-3/x
+          update_every: -5
+          labels: [a, b]
+    """)
+    result = load_metrics_dir(tmp_path)
+    assert [d.device_id for d in result.descriptions] == ["node-1", "node-1"]
+    assert result.files_skipped == 1
+    text = "\n".join(result.errors)
+    assert "bad.yaml: entry 1 (m1): unknown field 'update_evry'" in text
+    assert "bad.yaml: entry 2 (m2): device_id: required" in text
+    assert "bad.yaml: entry 2 (m2): update_every: must be at least 10 ms" in text
+    assert "bad.yaml: entry 2 (m2): labels: expected a mapping" in text
+    with pytest.raises(ConfigError, match="update_evry"):
+        load_metrics_dir(tmp_path, strict=True)
+
+
+def test_url_errors_name_the_entry_and_hide_secrets(tmp_path):
+    write(tmp_path, "bmc.yaml", """\
+        - name: bmc_power
+          device_id: node-4
+          url: ipmisensor://root:sup3rsecret@127.0.0.1:623/
+        - name: x
+          device_id: node-4
+          url: gopher://node-4/x
+    """)
+    result = load_metrics_dir(tmp_path)
+    text = "\n".join(result.errors)
+    assert "bmc.yaml: entry 1 (bmc_power): url:" in text
+    assert "bmc.yaml: entry 2 (x): url: unsupported URL scheme 'gopher'" in text
+    assert "sup3rsecret" not in text
+
+
+def test_invalid_yaml_and_backups(tmp_path):
+    write(tmp_path, "broken.yaml", "- name: [unclosed\n")
+    write(tmp_path, "node-1.yaml~", "this is an editor backup: not read\n")
+    write(tmp_path, ".hidden.yaml", "neither is this\n")
+    write(tmp_path, "empty.yaml", "")
+    result = load_metrics_dir(tmp_path)
+    assert result.descriptions == [] and result.files_read == 1 and result.files_skipped == 1
+    assert result.errors[0].startswith(f"{tmp_path / 'broken.yaml'}: invalid YAML")
+
+
+def test_later_reference_field_names_are_accepted(tmp_path):
+    write(tmp_path, "p.yaml", """\
+        - {name: m, device_id: d, url: "prometheus://127.0.0.1:9100/", period: 2000,
+           optional_period: 100}
+    """)
+    (desc,) = load_metrics_dir(tmp_path).descriptions
+    assert (desc.update_every_ms, desc.optional_update_every_ms) == (2000, 100)
+
+
+def test_duplicates_reported_once_kept_once(tmp_path):
+    write(tmp_path, "a.yaml", REFERENCE_FILE)
+    write(tmp_path, "b.yaml", REFERENCE_FILE)
+    result = load_metrics_dir(tmp_path)
+    assert len(result.descriptions) == 2
+    assert sum("duplicates" in e for e in result.errors) == 2
