@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,9 @@ def test_duplicates_reported_once_kept_once(tmp_path):
     result = load_metrics_dir(tmp_path)
     assert len(result.descriptions) == 2
     assert sum("duplicates" in e for e in result.errors) == 2
+
+
+def test_shipped_examples_are_valid():
+    result = load_metrics_dir(Path(__file__).parent.parent / "metrics.d", strict=True)
+    schemes = {d.url.split(":", 1)[0] for d in result.descriptions}
+    assert schemes == {"snmp", "snmpv3", "ipmisensor", "json+https", "prometheus", "modbus"}
