@@ -4,7 +4,7 @@
 -- Times: epoch seconds (fractional allowed) or any timestamptz literal; a literal without
 -- an offset is read as UTC, whatever the session's TimeZone.
 CREATE OR REPLACE FUNCTION kwollect.parse_time(p_text text, p_name text DEFAULT 'time')
-RETURNS timestamptz LANGUAGE plpgsql STABLE PARALLEL RESTRICTED
+RETURNS timestamptz LANGUAGE plpgsql STABLE
 SET timezone = 'UTC' AS $$
 BEGIN
     IF p_text IS NULL OR btrim(p_text) = '' THEN
@@ -51,7 +51,7 @@ CREATE OR REPLACE FUNCTION kwollect.metrics_request(
     p_job_id integer, p_nodes text, p_devices text, p_metrics text,
     p_start text, p_end text)
 RETURNS TABLE (start_time timestamptz, end_time timestamptz, devices text[], metrics text[])
-LANGUAGE plpgsql STABLE PARALLEL RESTRICTED AS $$
+LANGUAGE plpgsql STABLE AS $$
 DECLARE
     t0 timestamptz := kwollect.parse_time(p_start, 'start_time');
     t1 timestamptz := kwollect.parse_time(p_end, 'end_time');
@@ -161,8 +161,8 @@ BEGIN
     RETURN true;
 END $$;
 
--- Rank of each requested own series, as an integer array indexed by series_id - base + 1
--- (an O(1) look-up per row, which keeps the sort of samples narrow).
+-- Rank of each requested series, as an integer array indexed by series_id - base + 1:
+-- an O(1) look-up per row, which keeps the rows narrow until they are sorted.
 CREATE OR REPLACE FUNCTION kwollect.rank_map(p_series integer[], p_ranks bigint[],
                                              OUT base integer, OUT ranks integer[])
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -173,68 +173,90 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     FROM unnest(p_series) AS u(sid)
 $$;
 
--- The rows of a get_metrics call in narrow form, unsorted: (ts, rank of the output series,
--- value, series_id, via_alias, orig).  Own rows are read by one bitmap scan per partition
--- over all requested series (each heap page once); alias rows are summed per timestamp,
--- with series_id one of their sources and orig the list of sources (_device_orig).
--- get_metrics sorts these narrow rows and only then adds the text columns.
-CREATE OR REPLACE FUNCTION kwollect.metrics_narrow(
+-- What get_metrics reads, resolved once: the window in time and in minute keys, the
+-- chunk width (at most about 256 chunks), the series read as themselves (own) and as
+-- sources of an alias, each with its rank map, and the row bound check.
+CREATE OR REPLACE FUNCTION kwollect.metrics_plan(
     p_job_id integer, p_nodes text, p_devices text, p_metrics text,
     p_start text, p_end text, p_summary boolean)
-RETURNS TABLE (ts timestamptz, rank integer, value double precision, series_id integer,
-               via_alias boolean, orig jsonb)
-LANGUAGE sql STABLE PARALLEL RESTRICTED AS $$
+RETURNS TABLE (t0 timestamptz, t1 timestamptz, k0 integer, k1 integer, step integer,
+               own_ids integer[], own_base integer, own_ranks integer[],
+               alias_ids integer[], alias_base integer, alias_ranks integer[])
+LANGUAGE sql STABLE AS $$
     WITH req AS MATERIALIZED (
         SELECT * FROM kwollect.metrics_request(p_job_id, p_nodes, p_devices, p_metrics,
                                                p_start, p_end)
     ), sel AS MATERIALIZED (
         SELECT rs.* FROM req, kwollect.request_series(req.devices, req.metrics) rs
-    ), win AS MATERIALIZED (
-        SELECT req.start_time AS t0, req.end_time AS t1,
-               kwollect.minute_key(req.start_time) AS k0, kwollect.minute_key(req.end_time) AS k1,
-               own.ids AS own_ids, (own.map).base, (own.map).ranks,
-               coalesce(p_summary, false)
-                   OR kwollect.check_row_bound((SELECT array_agg(sel.series_id) FROM sel),
-                                               req.start_time, req.end_time) AS ok
-        FROM req, (SELECT array_agg(sel.series_id) AS ids,
-                          kwollect.rank_map(array_agg(sel.series_id), array_agg(sel.rank)) AS map
-                   FROM sel WHERE NOT sel.via_alias) own
+    ), own AS (
+        SELECT array_agg(series_id) AS ids,
+               kwollect.rank_map(array_agg(series_id), array_agg(rank)) AS map
+        FROM sel WHERE NOT via_alias
+    ), alias AS (
+        SELECT array_agg(series_id) AS ids,
+               kwollect.rank_map(array_agg(series_id), array_agg(rank)) AS map
+        FROM sel WHERE via_alias
     )
-    SELECT x.ts, (SELECT ranks FROM win)[x.series_id - (SELECT base FROM win) + 1],
-           x.value, x.series_id, false, NULL::jsonb
+    SELECT req.start_time, req.end_time,
+           kwollect.minute_key(req.start_time), kwollect.minute_key(req.end_time),
+           greatest(1, ceil((kwollect.minute_key(req.end_time)
+                             - kwollect.minute_key(req.start_time) + 1) / 256.0))::integer,
+           own.ids, (own.map).base, (own.map).ranks,
+           alias.ids, (alias.map).base, (alias.map).ranks
+    FROM req, own, alias
+    WHERE coalesce(p_summary, false)
+       OR kwollect.check_row_bound((SELECT array_agg(series_id) FROM sel),
+                                   req.start_time, req.end_time)
+$$;
+
+-- The rows of one chunk of a plan, narrow and unsorted: (ts, rank of the output series,
+-- value, series_id, via_alias, orig), for minutes [p_k_lo, p_k_hi] and timestamps in
+-- [p_lo, p_hi) and not after p_t1.  Own rows are read by one bitmap scan per partition
+-- over all requested series (each heap page once); alias rows are summed per timestamp,
+-- with series_id one of their sources and orig the sorted list of sources (_device_orig).
+CREATE OR REPLACE FUNCTION kwollect.metrics_chunk(
+    p_own_ids integer[], p_own_base integer, p_own_ranks integer[],
+    p_alias_ids integer[], p_alias_base integer, p_alias_ranks integer[],
+    p_k_lo integer, p_k_hi integer, p_lo timestamptz, p_hi timestamptz, p_t1 timestamptz,
+    p_summary boolean)
+RETURNS TABLE (ts timestamptz, rank integer, value double precision, series_id integer,
+               via_alias boolean, orig jsonb)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT x.ts, p_own_ranks[x.series_id - p_own_base + 1], x.value, x.series_id,
+           false, NULL::jsonb
     FROM kwollect.samples x
-    WHERE NOT coalesce(p_summary, false) AND (SELECT ok FROM win)
+    WHERE NOT p_summary
       -- The OR (whose second arm matches nothing) makes the planner read the heap with a
       -- bitmap scan, in physical order, instead of an index scan that would visit one heap
       -- page per row: run-time parameters hide how many rows match.
-      AND ((x.series_id = ANY ((SELECT own_ids FROM win)::integer[])
-            AND kwollect.minute_key(x.ts) BETWEEN (SELECT k0 FROM win) AND (SELECT k1 FROM win))
+      AND ((x.series_id = ANY (p_own_ids) AND kwollect.minute_key(x.ts) BETWEEN p_k_lo AND p_k_hi)
            OR (x.series_id = ANY ('{}'::integer[]) AND kwollect.minute_key(x.ts) = 0))
-      AND x.ts >= (SELECT t0 FROM win) AND x.ts <= (SELECT t1 FROM win)
+      AND x.ts >= p_lo AND x.ts < p_hi AND x.ts <= p_t1
     UNION ALL
-    SELECT s.ts, k.rank::integer, sum(s.value), min(k.series_id), true,
-           jsonb_agg(DISTINCT k.orig_device)
-    FROM sel k
-    JOIN kwollect.samples s ON s.series_id = k.series_id
-    WHERE NOT coalesce(p_summary, false) AND k.via_alias AND (SELECT ok FROM win)
-      AND kwollect.minute_key(s.ts) BETWEEN (SELECT k0 FROM win) AND (SELECT k1 FROM win)
-      AND s.ts >= (SELECT t0 FROM win) AND s.ts <= (SELECT t1 FROM win)
-    GROUP BY s.ts, k.rank
+    SELECT s.ts, p_alias_ranks[s.series_id - p_alias_base + 1], sum(s.value),
+           min(s.series_id), true, jsonb_agg(DISTINCT se.device_id)
+    FROM kwollect.samples s
+    JOIN kwollect.series se ON se.series_id = s.series_id
+    WHERE NOT p_summary
+      AND s.series_id = ANY (p_alias_ids) AND kwollect.minute_key(s.ts) BETWEEN p_k_lo AND p_k_hi
+      AND s.ts >= p_lo AND s.ts < p_hi AND s.ts <= p_t1
+    GROUP BY 1, 2
     UNION ALL
-    SELECT su.bucket, k.rank::integer, kwollect.summary_value(k.metric_id, su.avg, su.max),
-           k.series_id, false, NULL::jsonb
-    FROM sel k
-    JOIN kwollect.summary su ON su.series_id = k.series_id
-    WHERE coalesce(p_summary, false) AND NOT k.via_alias
-      AND su.bucket >= (SELECT t0 FROM win) AND su.bucket <= (SELECT t1 FROM win)
+    SELECT su.bucket, p_own_ranks[su.series_id - p_own_base + 1],
+           kwollect.summary_value(se.metric_id, su.avg, su.max), su.series_id, false, NULL
+    FROM kwollect.summary su
+    JOIN kwollect.series se ON se.series_id = su.series_id
+    WHERE p_summary AND su.series_id = ANY (p_own_ids)
+      AND su.bucket >= p_lo AND su.bucket < p_hi AND su.bucket <= p_t1
     UNION ALL
-    SELECT su.bucket, k.rank::integer, sum(kwollect.summary_value(k.metric_id, su.avg, su.max)),
-           min(k.series_id), true, jsonb_agg(DISTINCT k.orig_device)
-    FROM sel k
-    JOIN kwollect.summary su ON su.series_id = k.series_id
-    WHERE coalesce(p_summary, false) AND k.via_alias
-      AND su.bucket >= (SELECT t0 FROM win) AND su.bucket <= (SELECT t1 FROM win)
-    GROUP BY su.bucket, k.rank
+    SELECT su.bucket, p_alias_ranks[su.series_id - p_alias_base + 1],
+           sum(kwollect.summary_value(se.metric_id, su.avg, su.max)), min(su.series_id), true,
+           jsonb_agg(DISTINCT se.device_id)
+    FROM kwollect.summary su
+    JOIN kwollect.series se ON se.series_id = su.series_id
+    WHERE p_summary AND su.series_id = ANY (p_alias_ids)
+      AND su.bucket >= p_lo AND su.bucket < p_hi AND su.bucket <= p_t1
+    GROUP BY 1, 2
 $$;
 
 -- Per-second rate of a counter between two samples, with the reference's reset rule:
@@ -250,6 +272,11 @@ RETURNS double precision LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, boolean);
+-- Rows come in (timestamp, series rank) order by construction: the window is read chunk
+-- by chunk (a lateral join on ascending minute keys, so a nested loop), each chunk's
+-- narrow rows sorted in memory, and the text columns added by a memoized look-up that
+-- keeps that order.  No sort of the whole result, so the first rows stream at once.
+-- Rates need each series in time order first: that branch sorts the whole window.
 CREATE OR REPLACE FUNCTION api.get_metrics(
     job_id integer DEFAULT NULL,
     nodes text DEFAULT NULL,
@@ -262,6 +289,11 @@ CREATE OR REPLACE FUNCTION api.get_metrics(
 RETURNS TABLE ("timestamp" timestamptz, device_id text, metric_id text,
                value double precision, labels jsonb)
 LANGUAGE sql STABLE AS $$
+    WITH plan AS MATERIALIZED (
+        SELECT p.*, kwollect.parse_as_rate(as_rate) AS rate_mode
+        FROM kwollect.metrics_plan(job_id, nodes, devices, metrics, start_time, end_time,
+                                   summary) p
+    )
     SELECT n.ts,
            CASE WHEN n.via_alias THEN se.device_alias ELSE se.device_id END,
            se.metric_id,
@@ -270,33 +302,51 @@ LANGUAGE sql STABLE AS $$
            CASE WHEN n.via_alias THEN se.labels || jsonb_build_object('_device_orig', n.orig)
                 ELSE se.labels END
     FROM (
-        SELECT m.ts, m.rank, m.value, NULL::double precision AS rate, m.series_id,
-               m.via_alias, m.orig, 'no' AS rate_mode
-        FROM kwollect.metrics_narrow(job_id, nodes, devices, metrics, start_time, end_time,
-                                     summary) m
-        WHERE kwollect.parse_as_rate(as_rate) = 'no'
+        SELECT c.ts, c.value, NULL::double precision AS rate, c.series_id, c.via_alias,
+               c.orig, 'no' AS rate_mode
+        FROM plan
+        CROSS JOIN LATERAL (
+            -- OFFSET 0 keeps the chunk bounds computed once per chunk, not once per row
+            SELECT k, k_hi, greatest(plan.t0, to_timestamp(k::double precision * 60)) AS lo,
+                   to_timestamp((k_hi + 1)::double precision * 60) AS hi
+            FROM generate_series(plan.k0, plan.k1, plan.step) AS k,
+                 LATERAL (SELECT least(k + plan.step - 1, plan.k1) AS k_hi) b
+            OFFSET 0
+        ) chunk
+        CROSS JOIN LATERAL (
+            SELECT m.*
+            FROM kwollect.metrics_chunk(
+                plan.own_ids, plan.own_base, plan.own_ranks,
+                plan.alias_ids, plan.alias_base, plan.alias_ranks,
+                chunk.k, chunk.k_hi, chunk.lo, chunk.hi, plan.t1, coalesce(summary, false)) m
+            ORDER BY m.ts, m.rank
+        ) c
+        WHERE plan.rate_mode = 'no'
         UNION ALL
-        SELECT w.ts, w.rank, w.value,
-               kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts),
-               w.series_id, w.via_alias, w.orig, kwollect.parse_as_rate(as_rate)
-        FROM (
-            SELECT m.*,
-                   lag(m.value) OVER series AS prev,
-                   lag(m.ts) OVER series AS prev_ts,
-                   max(m.value) OVER (series ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                       AS running_max
-            FROM kwollect.metrics_narrow(job_id, nodes, devices, metrics, start_time, end_time,
-                                         summary) m
-            WHERE kwollect.parse_as_rate(as_rate) <> 'no'
-            WINDOW series AS (PARTITION BY m.rank ORDER BY m.ts)
-        ) w
-        ORDER BY 1, 2
+        (SELECT w.ts, w.value,
+                kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts),
+                w.series_id, w.via_alias, w.orig, w.rate_mode
+         FROM (
+             SELECT m.*, plan.rate_mode,
+                    lag(m.value) OVER series AS prev,
+                    lag(m.ts) OVER series AS prev_ts,
+                    max(m.value) OVER (series ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                        AS running_max
+             FROM plan
+             CROSS JOIN LATERAL kwollect.metrics_chunk(
+                 plan.own_ids, plan.own_base, plan.own_ranks,
+                 plan.alias_ids, plan.alias_base, plan.alias_ranks,
+                 plan.k0, plan.k1, plan.t0, 'infinity', plan.t1, coalesce(summary, false)) m
+             WHERE plan.rate_mode <> 'no'
+             WINDOW series AS (PARTITION BY m.rank ORDER BY m.ts)
+         ) w
+         ORDER BY w.ts, w.rank)
     ) n
     CROSS JOIN LATERAL (
         SELECT se.device_id, se.device_alias, se.metric_id, se.labels - '_device_alias' AS labels
         FROM kwollect.series se WHERE se.series_id = n.series_id
+        LIMIT 1
     ) se
-    ORDER BY n.ts, n.rank
 $$;
 COMMENT ON FUNCTION api.get_metrics IS
     'Samples of devices (or of a job''s nodes) between start_time and end_time, both '

@@ -116,6 +116,9 @@ async def test_missing_devices_or_job(reader):
 async def test_job_window_and_nodes(reader, data):
     rows = await get_metrics(reader, job_id=901, metrics="temp_celsius")
     assert {r["device_id"] for r in rows} == {"gm-1", "gm-2"}
+    # an hour is read in many chunks: the order holds across them
+    keys = [(r["timestamp"], r["device_id"]) for r in rows]
+    assert keys == sorted(keys) and len(keys) == 2 * 721
     assert rows[0]["timestamp"] == T0 and rows[-1]["timestamp"] == T0 + timedelta(hours=1)
     narrowed = await get_metrics(reader, job_id=901, metrics="temp_celsius",
                                  start_time=iso(T0 + timedelta(minutes=59)))
