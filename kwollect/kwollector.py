@@ -1,0 +1,185 @@
+"""kwollector: poll the devices of metrics_dir and store every reading in the database.
+
+`kwollector <config.yaml> [--option value ...]` (reference options plus ours, see
+DEFAULTS); `--check` validates the descriptions and prints what would be polled; SIGHUP
+reloads the descriptions (unchanged targets keep running, buffered data is kept);
+SIGTERM flushes buffered readings to the database, or to the spool, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from kwollect.config import ConfigError, LoadResult, load_metrics_dir
+from kwollect.dbconn import DB_DEFAULTS, connect_kwargs
+from kwollect.logutil import RateLimitedLog
+from kwollect.model import now_us
+from kwollect.options import OptionError, load_options
+from kwollect.promotion import PROMOTED_QUERY, Promotions
+from kwollect.scheduler import Scheduler, schedule_entries, target_name
+from kwollect.selfmetrics import prometheus_text, self_readings
+from kwollect.writer import WRITER_DEFAULTS, Writer, WriterOptions
+
+log = logging.getLogger("kwollect.kwollector")
+
+DEFAULTS: dict[str, Any] = {
+    "metrics_dir": "/etc/kwollect/metrics.d/",
+    **DB_DEFAULTS,
+    "log_level": "warning",
+    "check": False,
+    "strict": False,
+    "timeout_s": 10.0,
+    "target_concurrency": 1,
+    "promotion_refresh_s": 1.0,
+    **WRITER_DEFAULTS,
+    "self_device_id": "",
+    "self_metrics_every_s": 10.0,
+    "prometheus_host": "127.0.0.1",
+    "prometheus_port": 0,
+}
+
+
+def report(result: LoadResult) -> None:
+    for error in result.errors:
+        log.error("%s", error)
+
+
+def plan_lines(result: LoadResult) -> list[str]:
+    """What would be polled: one line per (target, period) group."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for desc in result.descriptions:
+        for period, entry in schedule_entries(desc):
+            when = " (while promoted)" if entry.promoted_only else ""
+            groups.setdefault((target_name(desc), period), []).append(
+                f"{desc.device_id}/{desc.name}{when}")
+    lines = [f"{len(result.descriptions)} metrics from {result.files_read} files "
+             f"({result.files_skipped} skipped), {len(groups)} polling groups:"]
+    for (target, period), names in sorted(groups.items()):
+        lines.append(f"  {target} every {period} ms: {', '.join(sorted(names))}")
+    return lines
+
+
+class Kwollector:
+    """The running collector: scheduler, writer, promotion refresh and self-metrics."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.conf = conf
+        self.promotions = Promotions()
+        self.writer = Writer(connect_kwargs(conf), WriterOptions.from_conf(conf))
+        self.scheduler = Scheduler(self.writer.submit, self.promotions,
+                                   timeout_s=float(conf["timeout_s"]),
+                                   target_concurrency=int(conf["target_concurrency"]))
+        self.device_id = conf["self_device_id"] or f"kwollector-{socket.gethostname()}"
+        self._stop = asyncio.Event()
+        self._db_log = RateLimitedLog(log, 60)
+
+    def load(self) -> None:
+        result = load_metrics_dir(self.conf["metrics_dir"], strict=self.conf["strict"])
+        report(result)
+        started, kept, stopped = self.scheduler.apply(result.descriptions)
+        log.warning("%d metrics loaded: %d polling groups started, %d kept, %d stopped",
+                    len(result.descriptions), started, kept, stopped)
+
+    async def refresh_promotions(self) -> None:
+        conn: asyncpg.Connection | None = None
+        while True:
+            if self.scheduler.needs_promotions:
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(**connect_kwargs(self.conf), timeout=5)
+                    rows = await conn.fetch(PROMOTED_QUERY, timeout=5)
+                    if self.promotions.update((r["device_id"], r["metric_id"]) for r in rows):
+                        self.scheduler.promotions_changed()
+                    self._db_log.forget("promotions")
+                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                    self._db_log.warning("promotions", "cannot read promoted_metrics, keeping "
+                                         "the last known set: %s", exc)
+                    conn = None
+            await asyncio.sleep(float(self.conf["promotion_refresh_s"]))
+
+    async def self_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(float(self.conf["self_metrics_every_s"]))
+            self.writer.submit(self_readings(self.device_id, now_us(),
+                                             self.scheduler.values_collected,
+                                             self.writer.stats(), self.scheduler.target_stats))
+
+    async def serve_prometheus(self) -> web.AppRunner:
+        async def metrics(_request: web.Request) -> web.Response:
+            text = prometheus_text(self.scheduler.values_collected, self.writer.stats(),
+                                   self.scheduler.target_stats)
+            return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.conf["prometheus_host"],
+                          int(self.conf["prometheus_port"])).start()
+        return runner
+
+    def reload(self) -> None:
+        try:
+            self.load()
+        except ConfigError as exc:
+            log.error("reload refused, keeping the current descriptions:\n%s", exc)
+
+    async def run(self) -> None:
+        await self.writer.start()
+        self.load()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        background = [asyncio.create_task(self.refresh_promotions()),
+                      asyncio.create_task(self.self_metrics())]
+        runner = await self.serve_prometheus() if int(self.conf["prometheus_port"]) else None
+        try:
+            await self._stop.wait()
+        finally:
+            log.warning("stopping: flushing buffered readings")
+            for task in background:
+                task.cancel()
+            await self.scheduler.close()
+            if runner:
+                await runner.cleanup()
+            await self.writer.close(timeout=float(self.conf["close_timeout_s"]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        conf = load_options(DEFAULTS, argv)
+    except OptionError as exc:
+        print(f"kwollector: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=str(conf["log_level"]).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if conf["check"]:
+        try:
+            result = load_metrics_dir(conf["metrics_dir"])
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        for error in result.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print("\n".join(plan_lines(result)))
+        return 1 if result.errors else 0
+    try:
+        asyncio.run(Kwollector(conf).run())
+    except ConfigError as exc:
+        print(f"kwollector: invalid metric descriptions:\n{exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

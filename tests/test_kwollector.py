@@ -1,0 +1,204 @@
+"""The kwollector program end to end: real snmpd and node exporter, real PostgreSQL,
+the process started, reloaded and stopped by signals, and a database outage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from kwollect.kwollector import main as kwollector_main
+from tests.fixtures.kwdb import WRITER_PASSWORD
+from tests.fixtures.snmp import BULK
+
+OIDS = sorted(BULK)
+REFERENCE_FILE = """\
+- name: idrac_power_watt
+  device_id: node-1
+  url: snmp://public@node-1-admin.domain.com/1.3.6.1.4.1.674.10892.5.4.600.30.1.6.1.3
+  update_every: 5000
+"""
+
+
+def test_check_prints_the_polling_plan(tmp_path, capsys):
+    (tmp_path / "node-1.yaml").write_text(REFERENCE_FILE)
+    assert kwollector_main(["--metrics_dir", str(tmp_path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "1 metrics from 1 files (0 skipped), 1 polling groups" in out
+    assert "snmp://node-1-admin.domain.com every 5000 ms: node-1/idrac_power_watt" in out
+    (tmp_path / "bad.yaml").write_text("- {name: x}\n")
+    assert kwollector_main(["--metrics_dir", str(tmp_path), "--check"]) == 1
+    assert "bad.yaml: entry 1 (x): device_id: required" in capsys.readouterr().err
+
+
+class Kwollector:
+    """A kwollector process with its own metrics_dir, config and spool."""
+
+    def __init__(self, base, kwdb, device_prefix: str) -> None:
+        self.base = base
+        self.metrics_dir = base / "metrics.d"
+        self.metrics_dir.mkdir(exist_ok=True)
+        (base / "db.pw").write_text(WRITER_PASSWORD)
+        self.config = base / "kwollector.conf"
+        self.config.write_text(textwrap.dedent(f"""\
+            metrics_dir: {self.metrics_dir}
+            db_host: 127.0.0.1
+            db_port: {kwdb.cluster.port}
+            db_name: kwdb
+            db_user: kwuser
+            db_password_file: {base / 'db.pw'}
+            spool_dir: {base / 'spool'}
+            log_level: info
+            self_device_id: {device_prefix}-self
+            self_metrics_every_s: 1
+            """))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.base / "kwollector.log", "a")  # noqa: SIM115 (kept by the process)
+        self.process = subprocess.Popen([sys.executable, "-m", "kwollect.kwollector",
+                                         str(self.config)], stdout=log, stderr=log)
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+    def log(self) -> str:
+        return (self.base / "kwollector.log").read_text()
+
+
+def write_descriptions(directory, name, entries):
+    lines = []
+    for e in entries:
+        lines.append(f"- name: {e['name']}\n  device_id: {e['device_id']}\n  url: '{e['url']}'\n"
+                     f"  update_every: {e.get('update_every', 500)}\n"
+                     + ("  optional: true\n" if e.get("optional") else ""))
+    (directory / name).write_text("".join(lines))
+
+
+async def rows(conn, device, metric=None):
+    return await conn.fetch(
+        "SELECT timestamp, metric_id, value FROM metrics WHERE device_id = $1 "
+        "AND ($2::text IS NULL OR metric_id = $2) ORDER BY timestamp", device, metric)
+
+
+@pytest.fixture
+def collector(tmp_path, kwdb):
+    instances: list[Kwollector] = []
+
+    def make(prefix: str) -> Kwollector:
+        k = Kwollector(tmp_path, kwdb, prefix)
+        instances.append(k)
+        return k
+
+    yield make
+    for k in instances:
+        if k.process and k.process.poll() is None:
+            k.process.kill()
+
+
+async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_agent, node_exporter,
+                                                              writer):
+    k = collector("kw1")
+    write_descriptions(k.metrics_dir, "pdu.yaml", [
+        {"name": f"oid{i}", "device_id": "kw1-pdu", "url": snmp_agent.url(oid)}
+        for i, oid in enumerate(OIDS[:5])])
+    write_descriptions(k.metrics_dir, "node.yaml", [
+        {"name": "prom", "device_id": "kw1-node",
+         "url": f"prometheus://{node_exporter.address}/node_load1-node_boot_time_seconds"}])
+    k.start()
+    await asyncio.sleep(4)
+    # SIGHUP: a new file is picked up without a restart
+    write_descriptions(k.metrics_dir, "more.yaml", [
+        {"name": "late", "device_id": "kw1-late", "url": snmp_agent.url(OIDS[9])}])
+    k.signal(signal.SIGHUP)
+    await asyncio.sleep(2)
+    assert k.stop() == 0, k.log()
+    pdu = await rows(writer, "kw1-pdu")
+    assert {r["metric_id"] for r in pdu} == {f"oid{i}" for i in range(5)}
+    assert {r["value"] for r in pdu if r["metric_id"] == "oid0"} == {float(BULK[OIDS[0]][1])}
+    node = {r["metric_id"] for r in await rows(writer, "kw1-node")}
+    assert node == {"prom_node_load1", "prom_node_boot_time_seconds"}
+    assert await rows(writer, "kw1-late", "late")
+    self_metrics = {r["metric_id"] for r in await rows(writer, "kw1-self")}
+    assert "kwollector_values_collected_total" in self_metrics
+
+
+async def test_promotion_from_the_database(collector, snmp_agent, writer):
+    k = collector("kw2")
+    write_descriptions(k.metrics_dir, "opt.yaml", [
+        {"name": "always", "device_id": "kw2-node", "url": snmp_agent.url(OIDS[0])},
+        {"name": "fan_rpm", "device_id": "kw2-node", "url": snmp_agent.url(OIDS[1]),
+         "optional": True}])
+    k.start()
+    try:
+        await asyncio.sleep(3)
+        assert await rows(writer, "kw2-node", "fan_rpm") == []
+        promoted_at = datetime.now(UTC)
+        await writer.execute("INSERT INTO promoted_metrics (device_id, metric_id) "
+                             "VALUES ('kw2-node', 'fan_.*')")
+        await asyncio.sleep(3)
+        got = await rows(writer, "kw2-node", "fan_rpm")
+        assert got and (got[0]["timestamp"] - promoted_at).total_seconds() < 2.5
+    finally:
+        await writer.execute("DELETE FROM promoted_metrics WHERE device_id = 'kw2-node'")
+        assert k.stop() == 0, k.log()
+
+
+async def test_database_outage_and_restart_lose_nothing(collector, snmp_agent, writer, kwdb):
+    """PostgreSQL stops for 30 s during collection; the kwollector is restarted in the
+    middle of the outage; afterwards every tick of every running period is stored once."""
+    k = collector("kw3")
+    write_descriptions(k.metrics_dir, "pdu.yaml", [
+        {"name": f"o{i}", "device_id": "kw3-pdu", "url": snmp_agent.url(oid)}
+        for i, oid in enumerate(OIDS[:3])])
+    k.start()
+    runs = [time.time()]
+    await asyncio.sleep(3)
+    await writer.close()
+    kwdb.cluster.stop()
+    try:
+        await asyncio.sleep(12)
+        assert k.stop() == 0, k.log()  # SIGTERM mid-outage: buffered rows go to the spool
+        runs.append(time.time())
+        k.start()
+        runs.append(time.time())
+        await asyncio.sleep(18)
+    finally:
+        kwdb.cluster.start()
+    await asyncio.sleep(8)  # replay
+    runs.append(time.time())
+    assert k.stop() == 0, k.log()
+    conn = await kwdb.connect("kwuser")
+    try:
+        stored = await rows(conn, "kw3-pdu", "o0")
+        duplicates = await conn.fetchval(
+            "SELECT count(*) - count(DISTINCT (timestamp, metric_id)) FROM metrics "
+            "WHERE device_id = 'kw3-pdu'")
+    finally:
+        await conn.close()
+    assert duplicates == 0
+    stamps = [r["timestamp"].timestamp() for r in stored]
+    ticks = {round(t * 2) for t in stamps}  # 500 ms period: one reading per half second
+    for start, stop in (runs[0:2], runs[2:4]):
+        expected = set(range(int((start + 2) * 2), int((stop - 1) * 2)))
+        missing = sorted(expected - ticks)
+        assert not missing, f"{len(missing)} ticks missing between {start} and {stop}"
+    assert "spool" in k.log().lower()
+    assert os.path.isdir(k.base / "spool")
