@@ -44,12 +44,16 @@ DEFAULTS: dict[str, Any] = {
     "max_rows": 20_000_000,
     "job_energy_metric": "bmc_node_power_watt",
     "archive_path": "",
+    "archive_after_hour": 192,
     "jobmetrics_requests_path": "",
     "token_expiry_days": 365,
     "postgrest_config_path": "",
     "api_db_host": "",
     "log_level": "warning",
 }
+
+
+ARCHIVE_TABLESPACE = "kwollect_archive"
 
 
 def sql_dir() -> Path:
@@ -133,7 +137,9 @@ async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
                     "chunk_interval_hour": str(positive_int(conf, "chunk_interval_hour")),
                     "chunk_compress_hour": str(positive_int(conf, "chunk_compress_hour")),
                     "max_rows": str(int(conf["max_rows"])),
-                    "job_energy_metric": str(conf["job_energy_metric"])}
+                    "job_energy_metric": str(conf["job_energy_metric"]),
+                    "archive_tablespace": ARCHIVE_TABLESPACE if conf["archive_path"] else "",
+                    "archive_after_hour": str(positive_int(conf, "archive_after_hour"))}
         await conn.executemany(
             "INSERT INTO kwollect.settings (key, value) VALUES ($1, $2) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", list(settings.items()))
@@ -176,6 +182,20 @@ async def api_secret(conn: asyncpg.Connection, owner: str) -> str:
     return await conn.fetchval("SELECT secret FROM kwollect.api_secret")
 
 
+async def ensure_archive(conn: asyncpg.Connection, path: str, owner: str) -> None:
+    """The archive tablespace at `path` (a directory the PostgreSQL server owns)."""
+    location = await conn.fetchval("SELECT pg_tablespace_location(oid) FROM pg_tablespace "
+                                   "WHERE spcname = $1", ARCHIVE_TABLESPACE)
+    if location is None:
+        statement = await conn.fetchval(
+            "SELECT format('CREATE TABLESPACE %I OWNER %I LOCATION %L', $1::text, $2::text, "
+            "$3::text)", ARCHIVE_TABLESPACE, owner, path)
+        await conn.execute(statement)
+    elif location != path.rstrip("/"):
+        raise OptionError(f"archive_path: tablespace {ARCHIVE_TABLESPACE} already lives in "
+                          f"{location}, not {path}")
+
+
 async def set_timeouts(conn: asyncpg.Connection, conf: dict[str, Any],
                        roles: dict[str, str]) -> None:
     minutes = positive_int(conf, "request_timeout_min")
@@ -213,6 +233,8 @@ async def setup(conf: dict[str, Any]) -> tuple[str, str]:
         await ensure_roles(admin, roles, passwords)
         await ensure_database(admin, conf["kwollect_db_name"], roles["owner_role"])
         await set_timeouts(admin, conf, roles)
+        if conf["archive_path"]:
+            await ensure_archive(admin, conf["archive_path"], roles["owner_role"])
     finally:
         await admin.close()
     conn = await asyncpg.connect(database=conf["kwollect_db_name"], **connect)

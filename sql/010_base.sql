@@ -18,7 +18,9 @@ INSERT INTO kwollect.settings (key, value) VALUES
     ('max_rows', '20000000'),
     ('job_energy_metric', 'bmc_node_power_watt'),
     ('summary_lag_seconds', '60'),
-    ('partitions_ahead', '2')
+    ('partitions_ahead', '2'),
+    ('archive_tablespace', ''),
+    ('archive_after_hour', '192')
 ON CONFLICT (key) DO NOTHING;
 
 CREATE OR REPLACE FUNCTION kwollect.setting(p_key text) RETURNS text

@@ -116,6 +116,43 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     FROM kwollect_partitions.samples_default
 $$;
 
+-- Archiving (kwollect-setup-db --archive_path): partitions whose range ended more than
+-- archive_after_hour ago move, with their index, to the archive tablespace (for instance
+-- on slower, larger disks).  One partition per call: moving rewrites it, under a lock that
+-- only concerns that (old, rarely written) partition.
+CREATE OR REPLACE FUNCTION kwollect.archive_partitions() RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    space text := nullif(kwollect.setting('archive_tablespace'), '');
+    after interval := make_interval(hours => coalesce(kwollect.setting('archive_after_hour'), '192')::int);
+    part text;
+    idx text;
+BEGIN
+    IF space IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT p.name INTO part
+    FROM kwollect.partitions p
+    JOIN pg_class c ON c.relname = p.name
+    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'kwollect_partitions'
+    WHERE p.range_end < now() - after
+      AND c.reltablespace IS DISTINCT FROM (SELECT oid FROM pg_tablespace WHERE spcname = space)
+    ORDER BY p.range_start
+    LIMIT 1;
+    IF part IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('ALTER TABLE kwollect_partitions.%I SET TABLESPACE %I', part, space);
+    FOR idx IN SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+               JOIN pg_class t ON t.oid = x.indrelid
+               JOIN pg_namespace n ON n.oid = t.relnamespace
+               WHERE t.relname = part AND n.nspname = 'kwollect_partitions'
+    LOOP
+        EXECUTE format('ALTER INDEX kwollect_partitions.%I SET TABLESPACE %I', idx, space);
+    END LOOP;
+    RETURN part;
+END $$;
+
 -- Summary bookkeeping: samples written late (e.g. replayed from a collector's spool after a
 -- database outage) mark their time range so the next summary refresh recomputes it.
 CREATE TABLE IF NOT EXISTS kwollect.summary_dirty (

@@ -176,12 +176,14 @@ DECLARE
     created  integer;
     moved    integer;
     written  bigint;
+    archived text;
 BEGIN
     SELECT kwollect.ensure_partitions(array_agg(now() + step * i))
       INTO created FROM generate_series(-1, ahead) AS i;
     moved := kwollect.relocate_default_rows();
+    archived := kwollect.archive_partitions();
     DELETE FROM kwollect.written_batches WHERE written_at < now() - interval '7 days';
     written := kwollect.refresh_summary();
     RETURN jsonb_build_object('partitions_created', created + coalesce(moved, 0),
-                              'summary_rows', written);
+                              'summary_rows', written, 'archived', archived);
 END $$;

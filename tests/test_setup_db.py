@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 from datetime import datetime
 
 import asyncpg
@@ -115,5 +117,33 @@ def test_roles_log_in_with_their_passwords(pg_cluster, kwdb, role, password):
         timeout = await conn.fetchval("SHOW statement_timeout")
         await conn.close()
         assert timeout == "5min"
+
+    asyncio.run(check())
+
+
+def test_archive_moves_old_partitions(pg_cluster, tmp_path):
+    # beside the cluster's own files: pytest's tmp_path is private to root
+    archive = pg_cluster.base / "archive"
+    archive.mkdir()
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(archive, user.pw_uid, user.pw_gid)
+    assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive),
+                     "--archive_after_hour", "24", database="kwdb_archive") == 0
+
+    async def check():
+        conn = await connect(pg_cluster, database="kwdb_archive")
+        try:
+            old = datetime(2020, 5, 5, 12, tzinfo=UTC)
+            await load(conn, [(old, "ar-1", "m", 5.0, None)])
+            result = await conn.fetchval("SELECT kwollect.maintain()::text")
+            assert "samples_20200505T120000" in result
+            space = await conn.fetchval(
+                "SELECT t.spcname FROM pg_class c JOIN pg_tablespace t ON t.oid = c.reltablespace "
+                "WHERE c.relname = 'samples_20200505T120000'")
+            assert space == "kwollect_archive"
+            assert await conn.fetchval("SELECT value FROM metrics WHERE device_id = 'ar-1'") == 5.0
+        finally:
+            await conn.close()
 
     asyncio.run(check())
