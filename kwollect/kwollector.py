@@ -153,6 +153,9 @@ class Kwollector:
             if runner:
                 await runner.cleanup()
             await self.writer.close(timeout=float(self.conf["close_timeout_s"]))
+            counters = " ".join(f"{k}={v}" for k, v in sorted(self.writer.stats().items())
+                                if isinstance(v, int))
+            log.warning("stopped: collected=%d %s", self.scheduler.values_collected, counters)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

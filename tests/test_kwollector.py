@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,14 @@ def write_descriptions(directory, name, entries):
                      f"  update_every: {e.get('update_every', 500)}\n"
                      + ("  optional: true\n" if e.get("optional") else ""))
     (directory / name).write_text("".join(lines))
+
+
+async def count_rows(kwdb, device):
+    conn = await kwdb.connect("kwuser")
+    try:
+        return await conn.fetchval("SELECT count(*) FROM metrics WHERE device_id = $1", device)
+    finally:
+        await conn.close()
 
 
 async def rows(conn, device, metric=None):
@@ -194,11 +203,14 @@ async def test_database_outage_and_restart_lose_nothing(collector, snmp_agent, w
     finally:
         await conn.close()
     assert duplicates == 0
+    # lossless: every value either run read is stored, exactly once
+    collected = sum(int(m) for m in re.findall(r"stopped: collected=(\d+)", k.log()))
+    assert collected == await count_rows(kwdb, "kw3-pdu") > 0
+    # and the runs read (nearly) every tick: a tick can be skipped on a loaded machine
     stamps = [r["timestamp"].timestamp() for r in stored]
     ticks = {round(t * 2) for t in stamps}  # 500 ms period: one reading per half second
     for start, stop in (runs[0:2], runs[2:4]):
         expected = set(range(int((start + 2) * 2), int((stop - 1) * 2)))
-        missing = sorted(expected - ticks)
-        assert not missing, f"{len(missing)} ticks missing between {start} and {stop}"
+        assert len(expected - ticks) <= len(expected) // 20, (start, stop, expected - ticks)
     assert "spool" in k.log().lower()
     assert os.path.isdir(k.base / "spool")
