@@ -65,6 +65,7 @@ WRITER_DEFAULTS: dict[str, Any] = {
     "db_pool_size": 2,
     "retry_max_s": 30.0,
     "close_timeout_s": 20.0,
+    "db_schema": "kwollect",
 }
 """Option names and defaults for the collectors' command lines: `WriterOptions.from_conf`
 reads them (spool_max_mb in MiB, db_pool_size = pool_size); close_timeout_s is what the
@@ -84,6 +85,11 @@ class WriterOptions:
     spool_max_bytes: bound of the spool on disk (about 20 bytes per row plus the series).
     retry_min_s / retry_max_s: reconnection back-off, doubling from min to max.
     fsync_interval_s: how often spool appends are made durable.
+    db_schema: "kwollect" (series + samples, the default) or "reference": plain COPY of
+        (timestamp, device_id, metric_id, value, labels) into a reference Kwollect
+        database's `metrics` table, for sites that migrate their collectors first and for
+        the side-by-side benchmark against the reference collector.  That table has no
+        batch ids: a batch whose commit outcome was lost may be written twice.
     connect_timeout_s / command_timeout_s: bounds of one connection attempt / statement.
     """
 
@@ -98,6 +104,7 @@ class WriterOptions:
     fsync_interval_s: float = 1.0
     connect_timeout_s: float = 10.0
     command_timeout_s: float = 60.0
+    db_schema: str = "kwollect"
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> WriterOptions:
@@ -113,7 +120,8 @@ class WriterOptions:
                    pool_size=int(conf["db_pool_size"]),
                    spool_dir=spool_dir or None,
                    spool_max_bytes=int(float(conf["spool_max_mb"]) * (1 << 20)),
-                   retry_max_s=float(conf["retry_max_s"]))
+                   retry_max_s=float(conf["retry_max_s"]),
+                   db_schema=str(conf.get("db_schema", "kwollect")))
 
 
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01, the origin of binary timestamps
@@ -121,6 +129,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MIN_US = -62_135_596_800_000_000  # 0001-01-01: what the partition helpers can be given
 MAX_US = 253_402_300_800_000_000  # 10000-01-01
 _ROW = struct.Struct(">hiqidii")  # 3 fields: (len 8, ts), (len 8, value), (len 4, series id)
+_REF_HEAD = struct.Struct(">hiq")  # reference rows: 5 fields, then (len 8, timestamp)
+_REF_VALUE = struct.Struct(">id")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 _SPOOL_HEAD = struct.Struct("<16sII")  # batch id, rows, series
@@ -228,6 +238,10 @@ class Writer:
         self._opts = opts = options or WriterOptions()
         if opts.batch_max_rows < 1 or opts.queue_max_rows < 1 or opts.pool_size < 1:
             raise ValueError("batch_max_rows, queue_max_rows and pool_size must be positive")
+        if opts.db_schema not in ("kwollect", "reference"):
+            raise ValueError(f"db_schema must be kwollect or reference, got {opts.db_schema!r}")
+        self._reference = opts.db_schema == "reference"
+        self._reference_fields: dict[int, tuple[bytes, bytes]] = {}
         self._name = name
         self._log = logger
         self._rate_log = RateLimitedLog(logger)
@@ -741,6 +755,9 @@ class Writer:
                               f"; replaying {self._spool.records} spooled batch(es)")
 
     async def _deliver(self, conn: asyncpg.Connection, batch: _Batch) -> None:
+        if self._reference:
+            await self._deliver_reference(conn, batch)
+            return
         timeout = self._opts.command_timeout_s
         sids = self._sids
         distinct = set(batch.handles)
@@ -787,6 +804,44 @@ class Writer:
         if batch.ref is not None and self._spool is not None:
             self._spool.done(batch.ref)
         self._online()
+
+    async def _deliver_reference(self, conn: asyncpg.Connection, batch: _Batch) -> None:
+        """One COPY into a reference database's plain `metrics` table."""
+        if batch.ts:
+            try:
+                data = self._reference_copy_data(batch)
+            except (TypeError, OverflowError, struct.error):
+                self._clean(batch)
+                data = self._reference_copy_data(batch)
+            started = time.perf_counter()
+            await conn.copy_to_table("metrics", source=memoryview(data),
+                                     columns=["timestamp", "device_id", "metric_id", "value",
+                                              "labels"],
+                                     format="binary", timeout=self._opts.command_timeout_s)
+            self._copy_latency = time.perf_counter() - started
+            self._counters["batches"] += 1
+            self._counters["inserted"] += len(batch)
+            if batch.ref is not None:
+                self._counters["replayed"] += len(batch)
+        if batch.ref is not None and self._spool is not None:
+            self._spool.done(batch.ref)
+        self._online()
+
+    def _reference_copy_data(self, batch: _Batch) -> bytes:
+        fields = self._reference_fields
+        parts = [_COPY_HEADER]
+        for t, v, h in zip(batch.ts, batch.values, batch.handles, strict=True):
+            identity = fields.get(h)
+            if identity is None:
+                device_id, metric_id, labels = (x.encode() for x in self._identities[h])
+                identity = fields[h] = (
+                    struct.pack(">i", len(device_id)) + device_id
+                    + struct.pack(">i", len(metric_id)) + metric_id,
+                    struct.pack(">ib", len(labels) + 1, 1) + labels)  # jsonb: version 1
+            parts += [_REF_HEAD.pack(5, 8, t - PG_EPOCH_US), identity[0],
+                      _REF_VALUE.pack(8, v), identity[1]]
+        parts.append(_COPY_TRAILER)
+        return b"".join(parts)
 
     def _copy_data(self, batch: _Batch) -> bytes:
         pack = _ROW.pack
