@@ -6,7 +6,7 @@ from typing import Any
 
 DB_DEFAULTS: dict[str, Any] = {
     "db_host": "localhost",
-    "db_port": 5432,
+    "db_port": "",
     "db_name": "kwdb",
     "db_user": "kwuser",
     "db_password": "",
@@ -15,6 +15,11 @@ DB_DEFAULTS: dict[str, Any] = {
 
 
 def connect_kwargs(conf: dict[str, Any]) -> dict[str, Any]:
-    """asyncpg.connect/create_pool keyword arguments from reference-style options."""
-    return {"host": conf["db_host"], "port": conf["db_port"], "database": conf["db_name"],
-            "user": conf["db_user"], "password": conf["db_password"] or None}
+    """asyncpg.connect/create_pool keyword arguments from reference-style options.
+
+    Without db_port, libpq's PGPORT (then 5432) applies, as with the reference, which
+    had no port option.
+    """
+    return {"host": conf["db_host"], "port": int(conf["db_port"]) if conf["db_port"] else None,
+            "database": conf["db_name"], "user": conf["db_user"],
+            "password": conf["db_password"] or None}
