@@ -69,7 +69,7 @@ BEGIN
           FROM public.nodetime_by_job j WHERE j.job_id = p_job_id;
         IF job_start IS NULL THEN
             RAISE EXCEPTION 'job % not found', p_job_id
-                USING ERRCODE = 'no_data_found',
+                USING ERRCODE = 'PT404',  -- PostgREST and kwollect-api: HTTP 404
                       HINT = 'The job is unknown to nodetime_by_job (not started yet, or not '
                              'recorded by the scheduler integration).';
         END IF;
@@ -154,7 +154,7 @@ BEGIN
     END IF;
     IF n > bound THEN
         RAISE EXCEPTION 'request too large: about % rows, over the limit of % rows', n, bound
-            USING ERRCODE = 'program_limit_exceeded',
+            USING ERRCODE = 'PT413',  -- PostgREST and kwollect-api: HTTP 413
                   HINT = 'Narrow the request (fewer devices or metrics, a shorter time window), '
                          'or ask for 5-minute summaries with summary=true.';
     END IF;

@@ -127,8 +127,9 @@ async def test_job_energy_and_requests(admin, writer, reader):
     assert result["node_energy_watthour"] == pytest.approx({"je-1": 100.0, "je-2": 180.0})
     assert result["job_energy_watthour"] == pytest.approx(280.0)
     assert result["jobnode_maxpower_watt"] == 360.0
-    with pytest.raises(asyncpg.NoDataFoundError):
+    with pytest.raises(asyncpg.PostgresError, match="not found") as err:
         await reader.fetchval("SELECT api.get_job_metrics(9999999)")
+    assert err.value.sqlstate == "PT404"
 
 
 async def test_update_promoted_metrics_keeps_manual_rows(admin, writer):

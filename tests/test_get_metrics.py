@@ -137,8 +137,9 @@ async def test_running_job_ends_now(reader, data):
 
 
 async def test_unknown_job_is_a_clear_error(reader, data):
-    with pytest.raises(asyncpg.NoDataFoundError, match="job 424242 not found"):
+    with pytest.raises(asyncpg.PostgresError, match="job 424242 not found") as err:
         await get_metrics(reader, job_id=424242)
+    assert err.value.sqlstate == "PT404"  # HTTP 404 through PostgREST and kwollect-api
 
 
 async def test_alias_rows_are_summed(reader, data):
@@ -221,10 +222,11 @@ async def test_injection_in_other_parameters_is_rejected(reader, data, param):
 
 async def test_row_bound_refuses_before_sending(reader, data):
     await reader.execute("SET kwollect.max_rows = 100")
-    with pytest.raises(asyncpg.ProgramLimitExceededError, match="over the limit of 100") as err:
+    with pytest.raises(asyncpg.PostgresError, match="over the limit of 100") as err:
         await get_metrics(reader, devices="gm-1,gm-2", start_time=iso(T0),
                           end_time=iso(T0 + timedelta(minutes=30)))
     assert "summary=true" in err.value.hint
+    assert err.value.sqlstate == "PT413"  # HTTP 413 through PostgREST and kwollect-api
     # a small request and the summary still work under the same bound
     assert len(await get_metrics(reader, devices="gm-1", metrics="temp_celsius",
                                  start_time=iso(T0), end_time=iso(T0 + timedelta(minutes=1)))) == 13
