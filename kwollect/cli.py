@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from kwollect.dbconn import DB_DEFAULTS, connect_kwargs
-from kwollect.options import OptionError, load_options
+from kwollect.options import tool_options
 
 log = logging.getLogger("kwollect.maintain")
 
@@ -46,13 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kwollect.demo import main as demo_main
 
         return demo_main(argv[1:])
-    try:
-        conf = load_options(MAINTAIN_DEFAULTS, argv[1:] + rest)
-    except OptionError as exc:
-        print(f"kwollect maintain: {exc}", file=sys.stderr)
+    conf = tool_options("kwollect maintain", MAINTAIN_DEFAULTS, argv[1:] + rest)
+    if conf is None:
         return 2
-    logging.basicConfig(level=str(conf["log_level"]).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(maintain(conf))
     except (OSError, asyncpg.PostgresError) as exc:

@@ -23,7 +23,7 @@ from kwollect.config import ConfigError, LoadResult, load_metrics_dir
 from kwollect.dbconn import DB_DEFAULTS, connect_kwargs
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import now_us
-from kwollect.options import OptionError, load_options
+from kwollect.options import tool_options
 from kwollect.promotion import PROMOTED_QUERY, Promotions
 from kwollect.scheduler import Scheduler, schedule_entries, target_name
 from kwollect.selfmetrics import prometheus_text, self_readings
@@ -159,13 +159,9 @@ class Kwollector:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        conf = load_options(DEFAULTS, argv)
-    except OptionError as exc:
-        print(f"kwollector: {exc}", file=sys.stderr)
+    conf = tool_options("kwollector", DEFAULTS, argv)
+    if conf is None:
         return 2
-    logging.basicConfig(level=str(conf["log_level"]).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if conf["check"]:
         try:
             result = load_metrics_dir(conf["metrics_dir"])

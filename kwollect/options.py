@@ -6,8 +6,9 @@ Secrets never need to be on the command line: every ``<name>_password`` option h
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,24 @@ def positive_int(conf: dict[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise OptionError(f"{key} must be a positive integer, got {value!r}")
     return value
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def tool_options(prog: str, defaults: dict[str, Any], argv: Sequence[str] | None,
+                 check: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any] | None:
+    """A command-line tool's options, checked, with logging set up at their log_level.
+
+    Returns None, after printing what is wrong to stderr, when the options are bad; the tool
+    then exits with status 2.
+    """
+    try:
+        conf = load_options(defaults, argv)
+        if check is not None:
+            check(conf)
+    except (OptionError, ValueError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    logging.basicConfig(level=str(conf.get("log_level", "warning")).upper(), format=LOG_FORMAT)
+    return conf

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import asyncpg
 import jwt
 
-from kwollect.options import OptionError, load_options, positive_int
+from kwollect.options import OptionError, positive_int, tool_options
 
 log = logging.getLogger("kwollect.setupdb")
 
@@ -251,13 +251,9 @@ async def setup(conf: dict[str, Any]) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        conf = load_options(DEFAULTS, argv)
-    except OptionError as exc:
-        print(f"kwollect-setup-db: {exc}", file=sys.stderr)
+    conf = tool_options("kwollect-setup-db", DEFAULTS, argv)
+    if conf is None:
         return 2
-    logging.basicConfig(level=str(conf["log_level"]).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config, token = asyncio.run(setup(conf))
     except (OptionError, OSError, asyncpg.PostgresError, RuntimeError) as exc:

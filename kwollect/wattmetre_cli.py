@@ -36,7 +36,7 @@ import asyncpg
 
 from kwollect.dbconn import DB_DEFAULTS, connect_kwargs
 from kwollect.logutil import RateLimitedLog
-from kwollect.options import OptionError, load_options, positive_int
+from kwollect.options import OptionError, positive_int, tool_options
 from kwollect.wattmetre import METRIC_ID, VERSIONS, WattmetreAggregator, load_mapping
 from kwollect.writer import WRITER_DEFAULTS, Writer, WriterOptions
 
@@ -264,13 +264,12 @@ def _check(conf: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    conf = tool_options("kwollector-wattmetre", DEFAULTS, argv, _check)
+    if conf is None:
+        return 2
     try:
-        conf = load_options(DEFAULTS, argv)
-        _check(conf)
         mapping = load_mapping(conf["mapping_file_path"]) if conf["mapping_file_path"] else {}
-        logging.basicConfig(level=str(conf["log_level"]).upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    except (OptionError, ValueError) as exc:
+    except ValueError as exc:
         print(f"kwollector-wattmetre: {exc}", file=sys.stderr)
         return 2
     try:

@@ -40,7 +40,7 @@ import uuid
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -771,11 +771,7 @@ class Writer:
             batch.keep(mask)
         if batch.ts:
             await self._check_partitions(conn, batch)
-            try:
-                data = self._copy_data(batch)
-            except (TypeError, OverflowError, struct.error):
-                self._clean(batch)
-                data = self._copy_data(batch)
+            data = self._encode(batch, self._copy_data)
         if batch.ts:
             started = time.perf_counter()
             await conn.execute("BEGIN")
@@ -798,21 +794,12 @@ class Writer:
                 self._log.warning("%s: batch %s (%d rows) was already written (an earlier "
                                   "commit's outcome was lost): not sent again", self._name,
                                   batch.batch_id, len(batch))
-            self._counters["inserted"] += len(batch)
-            if batch.ref is not None:
-                self._counters["replayed"] += len(batch)
-        if batch.ref is not None and self._spool is not None:
-            self._spool.done(batch.ref)
-        self._online()
+        self._delivered(batch)
 
     async def _deliver_reference(self, conn: asyncpg.Connection, batch: _Batch) -> None:
         """One COPY into a reference database's plain `metrics` table."""
         if batch.ts:
-            try:
-                data = self._reference_copy_data(batch)
-            except (TypeError, OverflowError, struct.error):
-                self._clean(batch)
-                data = self._reference_copy_data(batch)
+            data = self._encode(batch, self._reference_copy_data)
             started = time.perf_counter()
             await conn.copy_to_table("metrics", source=memoryview(data),
                                      columns=["timestamp", "device_id", "metric_id", "value",
@@ -820,12 +807,24 @@ class Writer:
                                      format="binary", timeout=self._opts.command_timeout_s)
             self._copy_latency = time.perf_counter() - started
             self._counters["batches"] += 1
-            self._counters["inserted"] += len(batch)
-            if batch.ref is not None:
-                self._counters["replayed"] += len(batch)
-        if batch.ref is not None and self._spool is not None:
-            self._spool.done(batch.ref)
+        self._delivered(batch)
+
+    def _delivered(self, batch: _Batch) -> None:
+        """Count a batch that is in the database now, and release its spool record."""
+        self._counters["inserted"] += len(batch)
+        if batch.ref is not None:
+            self._counters["replayed"] += len(batch)
+            if self._spool is not None:
+                self._spool.done(batch.ref)
         self._online()
+
+    def _encode(self, batch: _Batch, encoder: Callable[[_Batch], bytes]) -> bytes:
+        """COPY data of a batch; rows that cannot be encoded are dropped (counted) first."""
+        try:
+            return encoder(batch)
+        except (TypeError, OverflowError, struct.error):
+            self._clean(batch)
+            return encoder(batch)
 
     def _reference_copy_data(self, batch: _Batch) -> bytes:
         fields = self._reference_fields
