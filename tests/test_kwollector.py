@@ -11,10 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from datetime import UTC, datetime
 
 import pytest
 
+from kwollect.devcluster import free_port
 from kwollect.kwollector import main as kwollector_main
 from tests.fixtures.kwdb import WRITER_PASSWORD
 from tests.fixtures.snmp import BULK
@@ -59,6 +61,7 @@ class Kwollector:
             log_level: info
             self_device_id: {device_prefix}-self
             self_metrics_every_s: 1
+            prometheus_port: {free_port()}
             """))
         self.process: subprocess.Popen | None = None
 
@@ -133,6 +136,13 @@ async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_ag
          "url": f"prometheus://{node_exporter.address}/node_load1-node_boot_time_seconds"}])
     k.start()
     await asyncio.sleep(4)
+    # the kwollector's own health, as a Prometheus endpoint
+    port = re.search(r"prometheus_port: (\d+)", k.config.read_text()).group(1)
+    exposition = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())
+    text = exposition.decode()
+    assert "kwollector_values_collected_total " in text
+    assert f'kwollector_polls_total{{target="snmp://127.0.0.1:{snmp_agent.port}"}}' in text
     # SIGHUP: a new file is picked up without a restart
     write_descriptions(k.metrics_dir, "more.yaml", [
         {"name": "late", "device_id": "kw1-late", "url": snmp_agent.url(OIDS[9])}])
