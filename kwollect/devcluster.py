@@ -11,10 +11,11 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from kwollect.simulators import free_port
 
 DEFAULT_SETTINGS = {
     "timezone": "UTC",
@@ -40,12 +41,6 @@ def find_pg_bindir() -> Path:
         return Path(found).parent
     raise RuntimeError("no PostgreSQL server binaries found (install Debian's postgresql package "
                        "or set KWOLLECT_PG_BINDIR)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PrivateCluster:

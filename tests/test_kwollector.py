@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from kwollect.devcluster import free_port
 from kwollect.kwollector import main as kwollector_main
+from kwollect.simulators import free_port
 from tests.fixtures.kwdb import WRITER_PASSWORD
 from tests.fixtures.snmp import BULK
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kwollect.devcluster import free_port
 from kwollect.model import Reading
+from kwollect.simulators import free_port
 from kwollect.spool import SpoolError
 from kwollect.writer import Writer, WriterOptions, datetime_to_us, us_to_datetime
 
