@@ -33,8 +33,11 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT date_bin('5 minutes', p_ts, timestamptz '1970-01-01 00:00:00+00')
 $$;
 
--- Recompute the summary of [p_lo, p_hi) (bucket-aligned bounds).
-CREATE OR REPLACE FUNCTION kwollect.summarize_range(p_lo timestamptz, p_hi timestamptz)
+-- Recompute the summary of [p_lo, p_hi) (bucket-aligned bounds).  With p_exact, averages
+-- are computed in numeric: slower, but a bucket whose sum overflows double precision
+-- (values near 1e308) cannot fail.
+CREATE OR REPLACE FUNCTION kwollect.summary_rows(p_lo timestamptz, p_hi timestamptz,
+                                                 p_exact boolean)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
@@ -44,7 +47,8 @@ BEGIN
     SELECT series_id, kwollect.bucket_of(ts),
            count(value) FILTER (WHERE value <> 'NaN'),
            count(*) FILTER (WHERE value IS NULL OR value = 'NaN'),
-           avg(value) FILTER (WHERE value <> 'NaN'),
+           coalesce(avg(value) FILTER (WHERE NOT p_exact AND value <> 'NaN'),
+                    avg(value::numeric) FILTER (WHERE p_exact AND value <> 'NaN')::double precision),
            min(value) FILTER (WHERE value <> 'NaN'),
            max(value) FILTER (WHERE value <> 'NaN'),
            (max(ARRAY[date_part('epoch', ts), value]) FILTER (WHERE value <> 'NaN'))[2]
@@ -53,6 +57,14 @@ BEGIN
     GROUP BY 1, 2;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION kwollect.summarize_range(p_lo timestamptz, p_hi timestamptz)
+RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN kwollect.summary_rows(p_lo, p_hi, false);
+EXCEPTION WHEN numeric_value_out_of_range THEN
+    RETURN kwollect.summary_rows(p_lo, p_hi, true);
 END $$;
 
 -- Where fresh summarizing starts or resumes: `p_from`, or when no sample lies between

@@ -144,3 +144,16 @@ async def test_metrics_by_device_and_by_job_views(writer, reader):
     by_job = await reader.fetch(
         "SELECT timestamp FROM metrics_by_job WHERE job_id = 7001 ORDER BY timestamp")
     assert [r["timestamp"] for r in by_job] == [base + timedelta(seconds=s) for s in (1, 2, 3)]
+
+
+async def test_summary_survives_values_whose_sum_overflows(admin, writer):
+    """A device reporting values near the float8 limit must not stop every summary."""
+    base = datetime(2022, 5, 5, 10, 0, tzinfo=UTC)
+    await load(writer, [(base + timedelta(seconds=i), "st-huge", "m", 1.5e308, None)
+                        for i in range(3)])
+    await load(writer, [(base, "st-small", "m", 2.0, None)])
+    await admin.execute("SELECT kwollect.maintain()")
+    huge = await summary_rows(writer, "st-huge")
+    assert [(r["count"], r["max"]) for r in huge] == [(3, 1.5e308)]
+    assert huge[0]["avg"] == pytest.approx(1.5e308)
+    assert (await summary_rows(writer, "st-small"))[0]["avg"] == 2.0
