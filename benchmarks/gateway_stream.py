@@ -35,8 +35,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from kwollect.devcluster import PrivateCluster
-from kwollect.setupdb import DEFAULTS, setup
+from kwollect.dev.devcluster import PrivateCluster
+from kwollect.store.setupdb import DEFAULTS, setup
 
 DEVICES = 20
 METRICS = ["bmc_node_power_watt", "wattmetre_power_watt", "pdu_outlet_power_watt",

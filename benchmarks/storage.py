@@ -27,8 +27,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from kwollect.devcluster import PrivateCluster
-from kwollect.setupdb import DEFAULTS, setup
+from kwollect.dev.devcluster import PrivateCluster
+from kwollect.store.setupdb import DEFAULTS, setup
 
 METRICS = ["bmc_node_power_watt", "wattmetre_power_watt", "pdu_outlet_power_watt",
            "prom_node_network_receive_bytes_total", "prom_node_network_transmit_bytes_total",

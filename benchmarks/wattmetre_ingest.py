@@ -29,11 +29,11 @@ from pathlib import Path
 
 import asyncpg
 
-from kwollect.devcluster import PrivateCluster
-from kwollect.setupdb import DEFAULTS, setup
+from kwollect.dev.devcluster import PrivateCluster
+from kwollect.store.setupdb import DEFAULTS, setup
 
 GENERATOR = Path(__file__).resolve().parent.parent / "tests" / "wattmetre_gen.py"
-PROGRAM = [sys.executable, "-m", "kwollect.wattmetre_cli"]
+PROGRAM = [sys.executable, "-m", "kwollect.collect.kwollector_wattmetre"]
 PORTS = 48
 RATE = 50
 PASSWORD = "bench"

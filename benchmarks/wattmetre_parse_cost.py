@@ -1,4 +1,4 @@
-"""CPU cost per value of the wattmetre line parser and aggregator (kwollect.wattmetre).
+"""CPU cost per value of the wattmetre line parser and aggregator (kwollect.protocols.wattmetre).
 
 Budget: 20 wattmetres x 48 ports x 50 Hz = 48,000 values/s on one core, i.e. well under
 ~20 µs per value for the whole reader; parsing + aggregation should be a small part of it.
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kwollect.wattmetre import WattmetreAggregator, parser_for
+from kwollect.protocols.wattmetre import WattmetreAggregator, parser_for
 
 GENERATOR = Path(__file__).resolve().parent.parent / "tests" / "wattmetre_gen.py"
 

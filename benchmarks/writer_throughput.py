@@ -1,7 +1,7 @@
 """Writer throughput: rows/s sustained through Writer.submit -> PostgreSQL, and its CPU cost.
 
 Starts its own private PostgreSQL cluster (as benchmarks/storage.py does), sets kwollect up
-in it and feeds a `kwollect.writer.Writer` (logged in as the writer role over TCP) with
+in it and feeds a `kwollect.store.writer.Writer` (logged in as the writer role over TCP) with
 Kwollect-shaped readings: DEVICES devices x 10 metrics at 1 Hz with 0-19 ms jitter, 2 of
 the 10 metrics with an alias label, submitted one device at a time (as a poller does).
 The readings are built beforehand, so the figures are the writer's alone.  The feeder goes
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import asyncpg
 
-from kwollect.devcluster import PrivateCluster
+from kwollect.dev.devcluster import PrivateCluster
 from kwollect.model import Reading
-from kwollect.setupdb import DEFAULTS, setup
-from kwollect.writer import Writer, WriterOptions, _Batch, us_to_datetime
+from kwollect.store.setupdb import DEFAULTS, setup
+from kwollect.store.writer import Writer, WriterOptions, _Batch, us_to_datetime
 
 METRICS = ["bmc_node_power_watt", "wattmetre_power_watt", "pdu_outlet_power_watt",
            "prom_node_network_receive_bytes_total", "prom_node_network_transmit_bytes_total",

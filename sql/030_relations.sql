@@ -2,7 +2,7 @@
 
 -- metrics: the reference table, now a view over series + samples.  INSERT and COPY into
 -- it keep working through an INSTEAD OF trigger (collectors use the faster path of
--- kwollect/writer.py: binary COPY straight into kwollect.samples).
+-- kwollect/store/writer.py: binary COPY straight into kwollect.samples).
 CREATE OR REPLACE VIEW public.metrics AS
 SELECT s.ts AS "timestamp", se.device_id, se.metric_id, s.value, se.labels
 FROM kwollect.samples s

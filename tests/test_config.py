@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kwollect.config import ConfigError, load_metrics_dir
+from kwollect.collect.metricsd import ConfigError, load_metrics_dir
 
 REFERENCE_FILE = """\
 - name: idrac_power_watth_total

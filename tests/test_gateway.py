@@ -30,7 +30,7 @@ from kwollect.gateway import config
 from kwollect.gateway.auth import Authenticator
 from kwollect.gateway.errors import ApiError
 from kwollect.options import OptionError
-from kwollect.setupdb import make_token
+from kwollect.store.setupdb import make_token
 from tests.fixtures.gateway import GATEWAY_MAX_ROWS, gateway_command, start_gateway
 from tests.sqlapi import UTC, load, series
 

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from kwollect.kwollector import main as kwollector_main
-from kwollect.simulators import free_port
+from kwollect.collect.kwollector import main as kwollector_main
+from kwollect.dev.simulators import free_port
 from tests.fixtures.kwdb import WRITER_PASSWORD
 from tests.fixtures.snmp import BULK
 
@@ -67,7 +67,7 @@ class Kwollector:
 
     def start(self) -> None:
         log = open(self.base / "kwollector.log", "a")  # noqa: SIM115 (kept by the process)
-        self.process = subprocess.Popen([sys.executable, "-m", "kwollect.kwollector",
+        self.process = subprocess.Popen([sys.executable, "-m", "kwollect.collect.kwollector",
                                          str(self.config)], stdout=log, stderr=log)
 
     def signal(self, sig: int) -> None:

@@ -8,9 +8,9 @@ import statistics
 
 import pytest
 
+from kwollect.collect.promotion import Promotions
+from kwollect.collect.scheduler import Scheduler
 from kwollect.model import MetricDescription, Reading
-from kwollect.promotion import Promotions
-from kwollect.scheduler import Scheduler
 from tests.fixtures.snmp import BULK
 
 OIDS = sorted(BULK)

@@ -11,7 +11,7 @@ import asyncpg
 import jwt
 import pytest
 
-from kwollect.setupdb import main
+from kwollect.store.setupdb import main
 from tests.fixtures.kwdb import READER_PASSWORD, WRITER_PASSWORD
 from tests.sqlapi import UTC, load
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kwollect.model import Reading
-from kwollect.wattmetre import (
+from kwollect.protocols.wattmetre import (
     METRIC_ID,
     WattmetreAggregator,
     load_mapping,

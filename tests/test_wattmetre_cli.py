@@ -1,6 +1,6 @@
 """kwollector-wattmetre as a real program: generator lines in, rows in the real database out.
 
-The program runs as a subprocess (``python -m kwollect.wattmetre_cli``) fed by
+The program runs as a subprocess (``python -m kwollect.collect.kwollector_wattmetre``) fed by
 tests/wattmetre_gen.py (or by the test itself, to pace the input around an outage).  Its
 values: frame i, second k = i // 50, position j = i % 50, port p reads
 ``100 + p + 0.5 j + 0.25 (k % 4)`` W.  Device ids start with ``wm-``.
@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kwollect.wattmetre_cli import promoted_devices
-from kwollect.writer import datetime_to_us
+from kwollect.collect.kwollector_wattmetre import promoted_devices
+from kwollect.store.writer import datetime_to_us
 from tests.fixtures.kwdb import WRITER_PASSWORD
 from tests.sqlapi import get_metrics, iso
 
 GENERATOR = Path(__file__).parent / "wattmetre_gen.py"
-PROGRAM = [sys.executable, "-m", "kwollect.wattmetre_cli"]
+PROGRAM = [sys.executable, "-m", "kwollect.collect.kwollector_wattmetre"]
 US = 1_000_000
 RATE = 50
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from kwollect.dev.simulators import free_port
 from kwollect.model import Reading
-from kwollect.simulators import free_port
-from kwollect.spool import SpoolError
-from kwollect.writer import Writer, WriterOptions, datetime_to_us, us_to_datetime
+from kwollect.store.spool import SpoolError
+from kwollect.store.writer import Writer, WriterOptions, datetime_to_us, us_to_datetime
 
 T0 = 1_767_225_600_000_000  # 2026-01-01 00:00:00 UTC, in µs
 FAST = {"flush_interval_s": 0.05, "retry_min_s": 0.05, "retry_max_s": 0.3,
@@ -182,7 +182,7 @@ async def test_invalid_readings_dropped_counted_and_logged(kwdb, caplog) -> None
     ]
     writer = make_writer(kwdb.connect_kwargs("kwuser"))
     await writer.start()
-    with caplog.at_level(logging.ERROR, logger="kwollect.writer"):
+    with caplog.at_level(logging.ERROR, logger="kwollect.store.writer"):
         writer.submit(good[:1] + bad[:4] + good[1:2])  # type: ignore[operator]
         writer.submit(bad[4:] + good[2:])  # type: ignore[operator]
         writer.submit(Reading(T0 + 20 + i, "wr-invalid", "m", 1.0, {}) if i < 2 else 1 / 0
@@ -207,7 +207,7 @@ async def test_series_refused_by_the_database_does_not_block_others(kwdb, caplog
     rows = readings("wr-refused-ok", 5) + readings("wr-refused-bad", 3, labels=huge)
     writer = make_writer(kwdb.connect_kwargs("kwuser"))
     await writer.start()
-    with caplog.at_level(logging.ERROR, logger="kwollect.writer"):
+    with caplog.at_level(logging.ERROR, logger="kwollect.store.writer"):
         writer.submit(rows)
         await writer.close(timeout=30)
     assert await count(kwdb, "wr-refused-%") == (5, 5)
@@ -294,7 +294,7 @@ async def test_spool_limit_drops_are_counted(kwdb, tmp_path, caplog) -> None:
     writer = make_writer(dead_kwargs(kwdb), spool_dir=spool, batch_max_rows=100,
                          spool_max_bytes=64 << 10)
     await writer.start()
-    with caplog.at_level(logging.WARNING, logger="kwollect.writer"):
+    with caplog.at_level(logging.WARNING, logger="kwollect.store.writer"):
         for step in range(10):
             writer.submit(readings("wr-full", 1000, start=T0 + step * 1_000_000))
             await asyncio.sleep(0.02)
@@ -325,7 +325,7 @@ async def test_torn_and_corrupt_spool_records_are_skipped(kwdb, tmp_path, caplog
     data[record + 200] ^= 0xFF  # damage the second record's payload
     segment.write_bytes(bytes(data[:-7]))  # and cut the last one short (a crash mid-write)
     replay = make_writer(kwdb.connect_kwargs("kwuser"), spool_dir=spool)
-    with caplog.at_level(logging.WARNING, logger="kwollect.writer"):
+    with caplog.at_level(logging.WARNING, logger="kwollect.store.writer"):
         await replay.start()
         await wait_until(lambda: replay.stats()["spool_batches"] == 0, "the replay")
         await replay.close(timeout=30)

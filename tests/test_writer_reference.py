@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from kwollect.model import Reading
-from kwollect.writer import Writer, WriterOptions, us_to_datetime
+from kwollect.store.writer import Writer, WriterOptions, us_to_datetime
 
 REFERENCE_TABLE = """
 CREATE TABLE metrics (

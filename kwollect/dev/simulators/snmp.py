@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kwollect.simulators import free_udp_port, stop_process
+from kwollect.dev.simulators import free_udp_port, stop_process
 
 PDU_TABLE = "1.3.6.1.4.1.534.6.6.7.6.5.1"
 OUTLETS = 24

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from kwollect.simulators import ipmi, modbus, prometheus, redfish, snmp, stop_process
+from kwollect.dev.simulators import ipmi, modbus, prometheus, redfish, snmp, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def write_wattmetre_mapping(path: Path) -> None:
 
 def wattmetre_command(seconds: int = 10 * 365 * 86400) -> list[str]:
     """The simulated `wattmetre-read`: v2 lines for every mapped port, paced in real time."""
-    return [sys.executable, "-m", "kwollect.simulators.wattmetre", "--realtime",
+    return [sys.executable, "-m", "kwollect.dev.simulators.wattmetre", "--realtime",
             "--version", "2", "--ports", str(len(NODES) * WATTMETRE_PORTS_PER_NODE),
             "--rate", str(WATTMETRE_RATE), "--seconds", str(seconds)]
 

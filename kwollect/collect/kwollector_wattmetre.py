@@ -9,9 +9,9 @@ writer's `spool_dir` (default: systemd's $STATE_DIRECTORY), `spool_max_mb`,
 `queue_max_rows`, `batch_max_rows`, `flush_interval_s`, `db_pool_size`, `retry_max_s`,
 `close_timeout_s`.
 
-Stdin is read asynchronously; lines go through `kwollect.wattmetre.WattmetreAggregator`
+Stdin is read asynchronously; lines go through `kwollect.protocols.wattmetre.WattmetreAggregator`
 (raw samples for promoted ports, 1 Hz means otherwise) and the readings through the shared
-`kwollect.writer.Writer`, which spools them to disk while the database is away: an outage
+`kwollect.store.writer.Writer`, which spools them to disk while the database is away: an outage
 never stops the reader.  About every second `promoted_metrics` is read again (the last
 known promotions are kept while that fails); a row promotes a port when its device_id is
 the port's node (from the mapping file) or the port itself, and its metric_id regular
@@ -34,13 +34,13 @@ from typing import Any
 
 import asyncpg
 
-from kwollect.dbconn import DB_DEFAULTS, connect_kwargs
 from kwollect.logutil import RateLimitedLog
 from kwollect.options import OptionError, positive_int, tool_options
-from kwollect.wattmetre import METRIC_ID, VERSIONS, WattmetreAggregator, load_mapping
-from kwollect.writer import WRITER_DEFAULTS, Writer, WriterOptions
+from kwollect.protocols.wattmetre import METRIC_ID, VERSIONS, WattmetreAggregator, load_mapping
+from kwollect.store.dbconn import DB_DEFAULTS, connect_kwargs
+from kwollect.store.writer import WRITER_DEFAULTS, Writer, WriterOptions
 
-log = logging.getLogger("kwollect.wattmetre")
+log = logging.getLogger("kwollect.protocols.wattmetre")
 
 DEFAULTS: dict[str, Any] = {
     "wattmetre_id": "wattmetre",

@@ -1,6 +1,6 @@
 """Stand-in for OmegaWatt's `wattmetre-read`: prints v2 or v3 frame lines with known values.
 
-Run as ``python -m kwollect.simulators.wattmetre [options]`` (tests/wattmetre_gen.py is the
+Run as ``python -m kwollect.dev.simulators.wattmetre [options]`` (tests/wattmetre_gen.py is the
 same program, run as a script by the tests).
 
 Frame i (0-based) belongs to second k = i // rate, position j = i % rate in that second, and

@@ -16,7 +16,7 @@ each with its own connection, write them:
   ON CONFLICT DO NOTHING, so a batch whose COMMIT outcome was lost (connection broken) and
   is sent again is recognised and skipped: retries never duplicate samples.
 
-When the database is unreachable or slow, batches go to an on-disk spool (`kwollect.spool`,
+When the database is unreachable or slow, batches go to an on-disk spool (`kwollect.store.spool`,
 bounded, surviving restarts) and are replayed in order once it answers; while the spool is
 not empty, new batches queue behind it.  Nothing is lost silently: rows refused (spool
 full, invalid readings) are counted in `stats()` and logged at a limited rate.
@@ -52,7 +52,7 @@ import orjson
 
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import Reading
-from kwollect.spool import Spool
+from kwollect.store.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,17 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from kwollect.config import ConfigError, LoadResult, load_metrics_dir
-from kwollect.dbconn import DB_DEFAULTS, connect_kwargs
+from kwollect.collect.metricsd import ConfigError, LoadResult, load_metrics_dir
+from kwollect.collect.promotion import PROMOTED_QUERY, Promotions
+from kwollect.collect.scheduler import Scheduler, schedule_entries, target_name
+from kwollect.collect.selfmetrics import prometheus_text, self_readings
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import now_us
 from kwollect.options import tool_options
-from kwollect.promotion import PROMOTED_QUERY, Promotions
-from kwollect.scheduler import Scheduler, schedule_entries, target_name
-from kwollect.selfmetrics import prometheus_text, self_readings
-from kwollect.writer import WRITER_DEFAULTS, Writer, WriterOptions
+from kwollect.store.dbconn import DB_DEFAULTS, connect_kwargs
+from kwollect.store.writer import WRITER_DEFAULTS, Writer, WriterOptions
 
-log = logging.getLogger("kwollect.kwollector")
+log = logging.getLogger("kwollect.collect.kwollector")
 
 DEFAULTS: dict[str, Any] = {
     "metrics_dir": "/etc/kwollect/metrics.d/",

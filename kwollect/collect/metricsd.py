@@ -19,7 +19,7 @@ import yaml
 from kwollect import protocols
 from kwollect.model import MetricDescription
 
-log = logging.getLogger("kwollect.config")
+log = logging.getLogger("kwollect.collect.metricsd")
 
 FIELDS = {"name", "device_id", "url", "update_every", "scale_factor", "labels", "optional",
           "optional_update_every"}

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from kwollect import protocols
+from kwollect.collect.promotion import Promotions
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import Collector, MetricDescription, Reading
-from kwollect.promotion import Promotions
 
-log = logging.getLogger("kwollect.scheduler")
+log = logging.getLogger("kwollect.collect.scheduler")
 
 
 @dataclass(frozen=True)

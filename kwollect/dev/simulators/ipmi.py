@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from kwollect.simulators import free_port, free_udp_port
+from kwollect.dev.simulators import free_port, free_udp_port
 
 ADMIN = ("admin", "secret")
 ODD = ("odd", 'p#"x\\y')

@@ -1,6 +1,6 @@
 """A real pymodbus TCP server on loopback holding known values, for the tests and the demo.
 
-Run as ``python -m kwollect.simulators.modbus``, this module is the server (pymodbus
+Run as ``python -m kwollect.dev.simulators.modbus``, this module is the server (pymodbus
 SimDevice API, 3.16); `start_modbus_server` runs it in a subprocess.  The server binds port
 0 and prints the port it got, so no port is ever guessed; it logs every request it receives
 (unit, function, address, count, requests in flight) and every connection to a file, which
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
-from kwollect.simulators import read_port, stop_process
+from kwollect.dev.simulators import read_port, stop_process
 
 # (address, type, order, registers on the wire, value they encode).  The registers are
 # written out by hand, not computed, so the decoder is checked against independent data.

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from kwollect.simulators import free_port
+from kwollect.dev.simulators import free_port
 
 DEFAULT_SETTINGS = {
     "timezone": "UTC",

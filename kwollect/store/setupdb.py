@@ -24,7 +24,7 @@ import jwt
 
 from kwollect.options import OptionError, positive_int, tool_options
 
-log = logging.getLogger("kwollect.setupdb")
+log = logging.getLogger("kwollect.store.setupdb")
 
 DEFAULTS: dict[str, Any] = {
     "db_host": "/var/run/postgresql/",
@@ -58,7 +58,8 @@ ARCHIVE_TABLESPACE = "kwollect_archive"
 
 def sql_dir() -> Path:
     """sql/ inside an installed wheel, or at the top of a source checkout."""
-    for candidate in (Path(__file__).parent / "sql", Path(__file__).parent.parent / "sql"):
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "sql", package.parent / "sql"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("kwollect's sql/ directory is missing from the installation")

@@ -1,7 +1,7 @@
 """`kwollect demo`: the whole chain on one machine, from simulated devices to curl.
 
 It starts a private PostgreSQL set up by kwollect-setup-db's code, simulated devices of every
-supported kind on loopback (`kwollect.simulators.fleet`), the kwollector polling them, a
+supported kind on loopback (`kwollect.dev.simulators.fleet`), the kwollector polling them, a
 simulated wattmetre piped into kwollector-wattmetre, and kwollect-api; it records a job on
 the demo's nodes, waits until every protocol's data is in the database, then prints curl
 commands with their real output.  It keeps running until interrupted (or stops at once with
@@ -34,10 +34,9 @@ from urllib.parse import urlencode
 import asyncpg
 import yaml
 
-from kwollect.devcluster import PrivateCluster
-from kwollect.setupdb import DEFAULTS, setup
-from kwollect.simulators import free_port, stop_process
-from kwollect.simulators.fleet import (
+from kwollect.dev.devcluster import PrivateCluster
+from kwollect.dev.simulators import free_port, stop_process
+from kwollect.dev.simulators.fleet import (
     METER_NODE,
     NODES,
     RAW_POWER_METRIC,
@@ -48,6 +47,7 @@ from kwollect.simulators.fleet import (
     wattmetre_ports,
     write_wattmetre_mapping,
 )
+from kwollect.store.setupdb import DEFAULTS, setup
 
 DEMO_PASSWORD = "demo-writer"
 DEMO_READER_PASSWORD = "demo-reader"
@@ -207,7 +207,7 @@ def start_collectors(base: Path, cluster: PrivateCluster, processes: Processes) 
         "metrics_dir": str(base / "metrics.d"), **db_options(cluster, password_file),
         "spool_dir": str(base / "spool"), "self_device_id": "kwollector-demo",
         "self_metrics_every_s": 5, "log_level": "warning"}))
-    processes.start("kwollector", [sys.executable, "-m", "kwollect.kwollector", str(conf)])
+    processes.start("kwollector", [sys.executable, "-m", "kwollect.collect.kwollector", str(conf)])
     mapping = base / "wattmetre-mapping.yaml"
     write_wattmetre_mapping(mapping)
     wconf = base / "kwollector-wattmetre.yaml"
@@ -215,9 +215,10 @@ def start_collectors(base: Path, cluster: PrivateCluster, processes: Processes) 
         "wattmetre_id": WATTMETRE_ID, "wattmetre_version": 2,
         "mapping_file_path": str(mapping), **db_options(cluster, password_file),
         "spool_dir": str(base / "spool-wattmetre"), "log_level": "warning"}))
-    reader = processes.start("kwollector-wattmetre",
-                             [sys.executable, "-m", "kwollect.wattmetre_cli", str(wconf)],
-                             stdin=subprocess.PIPE)
+    reader = processes.start(
+        "kwollector-wattmetre",
+        [sys.executable, "-m", "kwollect.collect.kwollector_wattmetre", str(wconf)],
+        stdin=subprocess.PIPE)
     assert reader.stdin is not None
     processes.start("wattmetre-read", wattmetre_command(), stdout=reader.stdin)
     reader.stdin.close()

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kwollect.simulators import free_port, stop_process
+from kwollect.dev.simulators import free_port, stop_process
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from kwollect.logutil import RateLimitedLog
 
-log = logging.getLogger("kwollect.promotion")
+log = logging.getLogger("kwollect.collect.promotion")
 PROMOTED_QUERY = "SELECT device_id, metric_id FROM promoted_metrics"
 
 

@@ -1,7 +1,7 @@
 """A Redfish-shaped JSON API (aiohttp): a BMC's Power and Thermal documents behind auth.
 
 `redfish_app` builds the application around a `RedfishServer` state (the tests serve it
-in-process, over http and https); ``python -m kwollect.simulators.redfish`` serves it over
+in-process, over http and https); ``python -m kwollect.dev.simulators.redfish`` serves it over
 http on a port the kernel picks and prints ``PORT <n>``, and `start_redfish` runs that
 subprocess for the demo.
 
@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from kwollect.simulators import read_port, stop_process
+from kwollect.dev.simulators import read_port, stop_process
 
 REDFISH_USER, REDFISH_PASSWORD = "admin", "calvin:p@ss"
 REDFISH_TOKEN = "redfish-token-42"

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kwollect.collect.scheduler import TargetStats
 from kwollect.model import Reading
-from kwollect.scheduler import TargetStats
 
 PREFIX = "kwollector_"
 

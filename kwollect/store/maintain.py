@@ -1,0 +1,37 @@
+"""`kwollect maintain`: runs the database's own maintenance (kwollect.maintain()).
+
+Partitions ahead of time, late rows moved to their partition, 5-minute summaries: all of it
+is SQL (sql/040_summary.sql); this module only calls it, once or every `every_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from kwollect.store.dbconn import DB_DEFAULTS, connect_kwargs
+
+log = logging.getLogger("kwollect.maintain")
+
+MAINTAIN_DEFAULTS = {**DB_DEFAULTS, "every_seconds": 0, "log_level": "warning"}
+
+
+async def maintain(conf: dict) -> None:
+    """Run kwollect.maintain() once, or every `every_seconds` until stopped."""
+    while True:
+        try:
+            conn = await asyncpg.connect(**connect_kwargs(conf))
+            try:
+                result = await conn.fetchval("SELECT kwollect.maintain()::text")
+                log.info("maintenance: %s", result)
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError) as exc:
+            if not conf["every_seconds"]:
+                raise
+            log.error("maintenance failed, retrying in %s s: %s", conf["every_seconds"], exc)
+        if not conf["every_seconds"]:
+            return
+        await asyncio.sleep(conf["every_seconds"])
