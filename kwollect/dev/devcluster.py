@@ -43,17 +43,48 @@ def find_pg_bindir() -> Path:
                        "or set KWOLLECT_PG_BINDIR)")
 
 
+# Extensions that need shared_preload_libraries, in the order they must be loaded (Citus
+# first).  They are not Debian packages here: scripts/install-pg-extensions.sh installs them
+# from the archives named by KWOLLECT_PG_EXTENSIONS.
+PRELOADED_EXTENSIONS = ("citus", "timescaledb")
+
+
+def installed_extensions(bindir: Path | None = None) -> list[str]:
+    """The preloadable extensions whose control file and module are installed for this server."""
+    bindir = bindir or find_pg_bindir()
+    major = bindir.parent.name
+    return [name for name in PRELOADED_EXTENSIONS
+            if Path(f"/usr/share/postgresql/{major}/extension/{name}.control").is_file()
+            and (bindir.parent / "lib" / f"{name}.so").is_file()]
+
+
+def missing_extension_reason(name: str) -> str | None:
+    """None when `name` is installed, else why not and how to get it (a test's skip reason)."""
+    if name in installed_extensions():
+        return None
+    return (f"{name} is not installed for this PostgreSQL: run scripts/test as root with "
+            f"KWOLLECT_PG_EXTENSIONS=<directory of extension archives> "
+            f"(.ci/run uses ../shared/pg-extensions when it exists)")
+
+
 class PrivateCluster:
     """initdb + pg_ctl around a temporary directory; `stop()` removes nothing but the server."""
 
     def __init__(self, base_dir: str | Path | None = None, port: int | None = None,
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str] | None = None,
+                 preload: tuple[str, ...] = ()) -> None:
+        """`preload`: extensions to load at start (those not installed are left out)."""
         self.bindir = find_pg_bindir()
         self.base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="kwollect-pg-"))
         self.datadir = self.base / "data"
         self.socket_dir = str(self.base)
         self.port = port or free_port()
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self.preloaded = [name for name in installed_extensions(self.bindir) if name in preload]
+        if self.preloaded:
+            self.settings["shared_preload_libraries"] = ",".join(self.preloaded)
+            if "citus" in self.preloaded:
+                self.settings["citus.enable_statistics_collection"] = "off"
         self._run_as = "postgres" if os.geteuid() == 0 else None
 
     @property
