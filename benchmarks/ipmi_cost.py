@@ -74,7 +74,7 @@ def measure(result: Result, one_round: Callable[[], None], rounds: int) -> Resul
 
 def bench_kwollect(sims: list[IpmiSim], wanted: tuple[str, ...], rounds: int, name: str,
                    max_hosts: int) -> Result:
-    ipmi.MAX_HOSTS_PER_PROCESS = max_hosts
+    ipmi.pool.MAX_HOSTS_PER_PROCESS = max_hosts
     loop = asyncio.new_event_loop()
     descs = [[MetricDescription(name=s, device_id=f"bmc{i}", url=sim.url(s)) for s in wanted]
              for i, sim in enumerate(sims)]

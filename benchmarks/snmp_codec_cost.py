@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from puresnmp import V2C, Client, ObjectIdentifier, PyWrapper  # noqa: E402
 
 from kwollect.model import MetricDescription, make_reading  # noqa: E402
-from kwollect.protocols import snmp, snmp_codec  # noqa: E402
+from kwollect.protocols import snmp  # noqa: E402
+from kwollect.protocols.snmp import codec as snmp_codec  # noqa: E402
 from tests.fixtures.snmp import BULK, start_snmpd, stop_snmpd  # noqa: E402
 
 OIDS = sorted(BULK, key=lambda oid: int(oid.split(".")[-2]))[:50]

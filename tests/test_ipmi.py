@@ -325,7 +325,7 @@ async def test_hard_timeout_kills_the_whole_process_group(tmp_path, monkeypatch)
     script = tmp_path / "ipmi-sensors"
     script.write_text(f"#!/bin/sh\ntrap '' TERM\nsleep 60 &\necho $$ $! > {pidfile}\nwait\n")
     script.chmod(0o700)
-    monkeypatch.setattr(ipmi, "_executable", str(script))
+    monkeypatch.setattr(ipmi.pool, "_executable", str(script))
     desc = metric(dead_url(), "cpu")
     async with collector(desc, timeout=1.0) as coll:
         with pytest.raises(TimeoutError, match="no complete answer within 1 s"):

@@ -13,8 +13,9 @@ from puresnmp.varbind import VarBind
 from x690.types import Integer, ObjectIdentifier, OctetString, Sequence
 
 from kwollect.model import MetricDescription, make_reading
-from kwollect.protocols import snmp, snmp_codec
+from kwollect.protocols import snmp
 from kwollect.protocols.snmp import SnmpError, SnmpTimeout, SnmpUnreachable
+from kwollect.protocols.snmp import codec as snmp_codec
 from tests.fixtures.snmp import (
     COUNTER64_OID,
     COUNTER64_VALUE,
