@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import re
 import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -155,7 +156,7 @@ class StdinSource:
     async def read(self) -> bytes:
         """The next chunk; b"" at end of input."""
         if self._reader is None:
-            stream = sys.stdin.buffer
+            stream = cast(io.BufferedReader, sys.stdin.buffer)  # read1: whatever is there
             return await asyncio.get_running_loop().run_in_executor(None, stream.read1,
                                                                     CHUNK_BYTES)
         return await self._reader.read(CHUNK_BYTES)

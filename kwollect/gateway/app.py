@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib.metadata import version as package_version
 from typing import Any
 from urllib.parse import parse_qsl
@@ -479,7 +479,7 @@ class Gateway:
         request["bytes"] = stream.sent
 
     @contextlib.asynccontextmanager
-    async def _connection(self):
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; 504 when none frees up in time, 503 when the database is down."""
         assert self.pool is not None
         try:

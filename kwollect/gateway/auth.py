@@ -57,7 +57,7 @@ class Authenticator:
             return Identity(self._anon_role, {"role": self._anon_role}, False)
         if self._secret is None:
             raise ApiError(500, "PGRST300", "Server lacks JWT secret")
-        claims = self._verify(token.strip())
+        claims = self._verify(token.strip(), self._secret)
         role = _claim(claims, self._path)
         if role is None:
             if self._anon_role is None:
@@ -68,11 +68,11 @@ class Authenticator:
             raise _invalid("The JWT role claim must be a non-empty string")
         return Identity(role, claims, True)
 
-    def _verify(self, token: str) -> dict[str, Any]:
+    def _verify(self, token: str, secret: bytes) -> dict[str, Any]:
         if token.count(".") != 2:
             raise _invalid(f"Expected 3 parts in JWT; got {token.count('.') + 1}")
         try:
-            claims = jwt.decode(token, self._secret, algorithms=ALGORITHMS, leeway=CLOCK_SKEW_S,
+            claims = jwt.decode(token, secret, algorithms=ALGORITHMS, leeway=CLOCK_SKEW_S,
                                 options={"verify_aud": False})
         except jwt.ExpiredSignatureError:
             raise _invalid("JWT expired") from None

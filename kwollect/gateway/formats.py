@@ -31,6 +31,7 @@ D = DELIMITER.encode()
 NL = b"\n"
 NULL = b"null"
 STRING_CACHE_LIMIT = 50_000
+_SLOT = b""  # a value slot of a row template, filled per row
 
 
 class Format(enum.Enum):
@@ -180,10 +181,10 @@ class JsonEncoder:
             keys = [orjson.dumps(c.name) + b":" for c in columns]
             template = [separator, b"{" + keys[0]]
             for key in keys[1:]:
-                template += [None, b"," + key]
-            template += [None, b"}" + end]
+                template += [_SLOT, b"," + key]
+            template += [_SLOT, b"}" + end]
         else:
-            template = [separator, None, end]
+            template = [separator, _SLOT, end]
         self.template = template
         self.stride = len(template)
         self.slots = [2 + 2 * i for i in range(self.width)] if objects else [1]

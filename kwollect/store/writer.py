@@ -599,7 +599,7 @@ class Writer:
                 texts.append(payload[pos:pos + length].decode())
                 pos += length
             remap[handle] = self._handle_for(*texts)
-        columns = []
+        columns: list[array[Any]] = []
         for code, width in (("q", 8), ("d", 8), ("I", 4)):
             column = array(code)
             column.frombytes(payload[pos:pos + width * nrows])
@@ -854,6 +854,8 @@ class Writer:
     def _clean(self, batch: _Batch) -> None:
         """Drop the rows whose timestamp or value cannot be encoded (counted and logged)."""
         mask = []
+        ts: Any  # what a caller submitted: may be a float, or not a number at all
+        value: Any
         for i, (ts, value) in enumerate(zip(batch.ts, batch.values, strict=True)):
             if isinstance(ts, float) and ts.is_integer():
                 batch.ts[i] = ts = int(ts)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlencode
 
 from kwollect.dev.simulators import read_port, stop_process
@@ -70,7 +70,8 @@ SILENT_UNIT = 4
 UNREACHABLE_UNIT = 6
 
 
-class Request(NamedTuple):
+@dataclass(frozen=True)
+class Request:
     unit: int
     function: int
     address: int
@@ -196,7 +197,8 @@ async def _serve(port: int, log_path: Path) -> None:
     server = ModbusTcpServer(_devices(), address=("127.0.0.1", port), trace_pdu=trace_pdu,
                              trace_packet=trace_packet, trace_connect=trace_connect)
     await server.serve_forever(background=True)
-    print("PORT", server.transport.sockets[0].getsockname()[1], flush=True)
+    listener = server.transport  # an asyncio.Server, which pymodbus types as a BaseTransport
+    print("PORT", listener.sockets[0].getsockname()[1], flush=True)  # type: ignore[attr-defined]
     await server.serving
 
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -166,6 +166,7 @@ class _Pool:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True,
                 env={**os.environ, "LC_ALL": "C"})
+            assert proc.stdin is not None  # stdin=PIPE
             try:
                 proc.stdin.write(self._config)
                 await proc.stdin.drain()
@@ -257,7 +258,7 @@ class _Pool:
         self.sdr_cache.remove()
 
 
-async def _pump(stream: asyncio.StreamReader | None, handle) -> None:
+async def _pump(stream: asyncio.StreamReader | None, handle: Callable[[str], None]) -> None:
     if stream is None:
         return
     async for raw in stream:

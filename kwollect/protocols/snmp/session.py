@@ -78,6 +78,10 @@ class Request(NamedTuple):
     walk: bool
 
 
+Prepared = Request | list[ObjectIdentifier]
+"""A GET as a session prepared it: the v1/v2c codec's template, or v3's puresnmp OIDs."""
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     """One connected UDP socket per agent; replies are matched to requests by request-id.
 
@@ -145,6 +149,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         timer.cancel()
         if future.done():
             return
+        values: list[Any] | None
         try:
             if header.error_status:
                 values = None
@@ -203,8 +208,8 @@ class CommunitySession:
         tlvs = tuple(encode_oid(oid) for oid in oids)
         return Request(get_request(self._version, self._community, tlvs), tlvs, False)
 
-    def send(self, request: Request) -> asyncio.Future[Exchange]:
-        assert self._protocol is not None
+    def send(self, request: Prepared) -> asyncio.Future[Exchange]:
+        assert self._protocol is not None and isinstance(request, Request)
         return self._protocol.send(request)
 
     async def walk(self, root: tuple[int, ...]) -> list[tuple[tuple[int, ...], Value]]:
@@ -304,12 +309,13 @@ class V3Session:
                                            type=socket.SOCK_DGRAM)
         except OSError as exc:
             raise SnmpUnreachable(f"{self._target.label}: cannot resolve host: {exc}") from None
-        self._address = infos[0][4][0]
+        self._address = str(infos[0][4][0])
 
     def prepare(self, oids: Sequence[tuple[int, ...]]) -> list[ObjectIdentifier]:
         return [ObjectIdentifier(oid_text(oid)) for oid in oids]
 
-    def send(self, request: list[ObjectIdentifier]) -> asyncio.Future[Exchange]:
+    def send(self, request: Prepared) -> asyncio.Future[Exchange]:
+        assert isinstance(request, list)
         return asyncio.ensure_future(self._get(request))
 
     async def _sender(self, endpoint: Any, packet: bytes, timeout: float = 1,

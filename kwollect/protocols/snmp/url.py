@@ -163,7 +163,7 @@ def _parse_options(query: str, version: int, shown: str) -> dict[str, Any]:
 
 
 def _parse_credentials(userinfo: str, version: int, options: dict[str, Any],
-                       shown: str) -> dict[str, str]:
+                       shown: str) -> dict[str, Any]:
     if version != 3:
         if ":" in userinfo:
             raise ValueError(f"{shown}: a community has no password part "
