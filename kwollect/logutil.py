@@ -42,3 +42,22 @@ class RateLimitedLog:
         """Call when the fault is gone, so its next occurrence is logged at once."""
         self._last.pop(key, None)
         self._suppressed.pop(key, None)
+
+
+def excerpt(text: object, limit: int = 200) -> str:
+    """`text` made safe for a log line or a terminal: printable and bounded.
+
+    Control characters, NUL bytes and lone surrogates (from undecodable file names) are
+    escaped, and anything beyond `limit` characters is cut, with the full length said, so
+    a 1 MB label or a binary reply never floods a log nor makes printing it fail.
+    """
+    shown = str(text)
+    if len(shown) > 4 * limit:
+        shown = shown[:4 * limit]
+    shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
+    if not shown.isprintable():
+        shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in shown)
+    full = len(str(text))
+    if len(shown) > limit or full > 4 * limit:
+        return f"{shown[:limit]}... ({full} characters)"
+    return shown

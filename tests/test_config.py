@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from kwollect.collect.metricsd import ConfigError, load_metrics_dir
+from kwollect.collect.kwollector import DEFAULTS, Kwollector
+from kwollect.collect.kwollector import main as kwollector_main
+from kwollect.collect.metricsd import ConfigError, load_metrics_dir, parse_entry
 
 REFERENCE_FILE = """\
 - name: idrac_power_watth_total
@@ -118,3 +121,89 @@ def test_shipped_examples_are_valid():
     result = load_metrics_dir(Path(__file__).parent.parent / "metrics.d", strict=True)
     schemes = {d.url.split(":", 1)[0] for d in result.descriptions}
     assert schemes == {"snmp", "snmpv3", "ipmisensor", "json+https", "prometheus", "modbus"}
+
+
+HOSTILE_FILES = {
+    "latin1.yaml": "- name: caf\xe9\n".encode("latin-1"),
+    "random.yaml": bytes(range(256)) * 4,
+    "nested.yaml": b"[" * 20_000 + b"]" * 20_000,
+    "nul.yaml": b"- name: a\x00b\n",
+    "huge-line.yaml": b"- name: " + b"x" * 1_000_000 + b": :\n",
+}
+
+
+def test_hostile_files_are_one_error_each_and_the_others_load(tmp_path):
+    write(tmp_path, "good.yaml", REFERENCE_FILE)
+    for name, data in HOSTILE_FILES.items():
+        (tmp_path / name).write_bytes(data)
+    result = load_metrics_dir(tmp_path)
+    assert [d.device_id for d in result.descriptions] == ["node-1", "node-1"]
+    assert (result.files_read, result.files_skipped) == (1, len(HOSTILE_FILES))
+    assert len(result.errors) == len(HOSTILE_FILES)
+    by_file = {Path(e.split(":", 1)[0]).name: e for e in result.errors}
+    assert "not UTF-8 text (byte 11 is 0xe9): save it as UTF-8" in by_file["latin1.yaml"]
+    assert "not UTF-8 text" in by_file["random.yaml"]
+    assert by_file["nested.yaml"].endswith("invalid YAML: while increasing flow level: "
+                                           "exceeded maximum nesting depth (line 1, column 1001)")
+    assert "invalid YAML" in by_file["nul.yaml"]
+    assert all(len(e) < 1000 for e in result.errors)
+
+
+def test_entries_the_database_could_never_store_are_refused(tmp_path):
+    write(tmp_path, "bad.yaml", f"""\
+        - {{name: "a\\0b", device_id: d, url: "prometheus://127.0.0.1:9100/"}}
+        - {{name: m2, device_id: d, url: "prometheus://127.0.0.1:9100/",
+            labels: {{k: "v\\0"}}}}
+        - {{name: m3, device_id: d, url: "prometheus://127.0.0.1:9100/",
+            labels: {{k: "{'x' * 2100}"}}}}
+        - {{name: m4, device_id: d, url: "prometheus://127.0.0.1:9100/", update_every: 1.0e+300}}
+        - {{name: m5, device_id: d, url: "prometheus://127.0.0.1:9100/", scale_factor: .nan}}
+        - {{name: m6, device_id: d, url: "prometheus://127.0.0.1:9100/", scale_factor: .inf}}
+        - {{name: m8, device_id: d, url: "prometheus://127.0.0.1:9100/",
+            labels: {{big: {10 ** 30}, inf: .inf}}}}
+    """)
+    result = load_metrics_dir(tmp_path)
+    assert result.descriptions == []
+    text = "\n".join(result.errors)
+    assert "entry 1 (a\\x00b): name: contains a NUL byte" in text
+    assert "entry 2 (m2): labels.k: contains a NUL byte" in text
+    assert "entry 3 (m3): labels: 2108 bytes as JSON, the database stores at most 2000" in text
+    assert "entry 4 (m4): update_every: must be at most 604800000 ms (a week)" in text
+    assert "entry 5 (m5): scale_factor: expected a finite number, got nan" in text
+    assert "entry 6 (m6): scale_factor: expected a finite number, got inf" in text
+    assert "entry 7 (m8): labels.big: integer out of the 64-bit range" in text
+    assert "entry 7 (m8): labels.inf: expected a finite number" in text
+    with pytest.raises(ConfigError, match=r"entry 1 \(\\udc80\): name: contains a lone surrogate"):
+        parse_entry({"name": "\udc80", "device_id": "d", "url": "prometheus://h:1/"},
+                    "entry 1")
+
+
+def test_check_survives_a_lone_surrogate_and_says_what_is_not_read(tmp_path, capsys):
+    write(tmp_path, "s.yaml", '- {name: "\\udc80", device_id: d, url: "prometheus://h:1/"}\n')
+    write(tmp_path, "good.yaml", REFERENCE_FILE)
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    (tmp_path / "notes").mkdir()  # a directory without a description name: not worth a word
+    assert kwollector_main(["--metrics_dir", str(tmp_path), "--check"]) == 1
+    out, err = capsys.readouterr()
+    assert "2 metrics from 1 files (1 skipped)" in out
+    assert f"warning: {tmp_path / 'dir.yaml'}: is a directory: not read" in err
+    assert f"warning: {tmp_path / 'gone.yaml'}: is a dangling symlink: not read" in err
+    assert "notes" not in err
+    assert "s.yaml: invalid YAML" in err or "name: contains a lone surrogate" in err
+
+
+async def test_reload_with_a_hostile_file_keeps_the_others(tmp_path, caplog):
+    write(tmp_path, "good.yaml", REFERENCE_FILE)
+    kwollector = Kwollector({**DEFAULTS, "metrics_dir": str(tmp_path)})
+    try:
+        kwollector.load()
+        (tmp_path / "nested.yaml").write_bytes(HOSTILE_FILES["nested.yaml"])
+        (tmp_path / "binary.yaml").write_bytes(HOSTILE_FILES["random.yaml"])
+        write(tmp_path, "more.yaml", REFERENCE_FILE.replace("node-1", "node-2"))
+        with caplog.at_level(logging.WARNING):
+            kwollector.reload()
+        assert "4 metrics loaded: 1 polling groups started, 1 kept, 0 stopped" in caplog.text
+        assert "nested.yaml: invalid YAML: while increasing flow level" in caplog.text
+    finally:
+        await kwollector.scheduler.close()

@@ -290,6 +290,32 @@ def test_malformed_lines_are_counted_not_fatal(version: int,
     assert "wm: skipped malformed line 11:" in caplog.text
 
 
+@pytest.mark.parametrize("version", [2, 3])
+def test_lines_of_another_port_count_than_the_stream_are_malformed(version: int) -> None:
+    agg = WattmetreAggregator("wm", version)
+    lines = gen(version=version, ports=4, seconds=2)
+    stamp = lines[10].split(",")[2 if version == 2 else 0]
+    numeric = (f"1,2,{stamp},OK," + ",".join(["7"] * 15_000) if version == 2 else
+               f"{stamp},true," + ",".join(["7"] * 30_009))  # 60 KB, all numeric
+    wide = ",".join(lines[20].split(",")[:4] + ["1"] * 8) if version == 2 else \
+        ",".join(lines[20].split(",")[:6] + ["1"] * 8 + lines[20].split(",")[-6:])
+    readings = run(agg, [*lines[:10], numeric, *lines[10:20], wide, *lines[20:]])
+    assert {r.device_id for r in readings} == {f"wm-port{p}" for p in range(4)}
+    assert agg.malformed == 2 and agg.frames == 100
+
+
+def test_a_real_change_of_port_count_is_taken_after_a_second() -> None:
+    agg = WattmetreAggregator("wm", 2)
+    before = gen(ports=2, seconds=1)
+    after = gen(ports=3, seconds=2, start=T0 + 1)
+    readings = run(agg, [*before, *after[:30], *before[:5], *after[30:]])
+    # 30 frames of 3 ports then 2-port ones: damaged lines; then 70 in a row: the new count
+    assert agg.malformed == 30 and agg.frames == 50 + 5 + 70
+    series = by_device(readings)
+    assert len(series["wm-port2"]) == 2  # seconds 1 (20 frames, after the switch) and 2
+    assert agg.flush() == []
+
+
 def test_expected_port_count_catches_short_lines() -> None:
     agg = WattmetreAggregator("wm", ports=3)
     lines = gen(ports=3, seconds=1)

@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def report(result: LoadResult) -> None:
+    for warning in result.warnings:
+        log.warning("%s", warning)
     for error in result.errors:
         log.error("%s", error)
 
@@ -168,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         for error in result.errors:
             print(f"error: {error}", file=sys.stderr)
         print("\n".join(plan_lines(result)))
@@ -176,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(Kwollector(conf).run())
     except ConfigError as exc:
         print(f"kwollector: invalid metric descriptions:\n{exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the spool directory cannot be used (SpoolError)
+        print(f"kwollector: {exc}", file=sys.stderr)
         return 1
     return 0
 

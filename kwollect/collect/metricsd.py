@@ -3,10 +3,16 @@
 Each file holds a YAML list of descriptions, or one mapping.  A file with any error is
 reported (every error, naming file, entry and field) and skipped as a whole, so a typo in
 one device's file never stops the collection of the others; `strict` makes it fatal.
+Whatever a file holds (another encoding, binary data, 20,000 nested brackets, a name with
+a NUL byte or a lone surrogate, a period of 1e300 ms) ends as such an error, never as an
+exception: a kwollector must start, and reload on SIGHUP, with its other files.  What the
+directory holds but is not read (dangling symlinks, directories or special files with
+description-like names) is reported as a warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -14,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kwollect import protocols
+from kwollect.logutil import excerpt
 from kwollect.model import MetricDescription
+from kwollect.yamlfile import YamlFileError, read_yaml
 
 log = logging.getLogger("kwollect.collect.metricsd")
 
@@ -26,6 +32,13 @@ FIELDS = {"name", "device_id", "url", "update_every", "scale_factor", "labels", 
 # Names used by later reference releases for the same fields.
 ALIASES = {"period": "update_every", "optional_period": "optional_update_every"}
 MIN_PERIOD_MS = 10
+MAX_PERIOD_MS = 7 * 86_400_000
+"""A week: longer periods are typos (and 1e300 ms overflows the scheduler's clock)."""
+MAX_LABELS_BYTES = 2000
+"""The database refuses a series whose labels take more (sql/020_storage.sql)."""
+MAX_ID_BYTES = 512
+"""name and device_id beyond this cannot be indexed beside their labels."""
+_INT64 = range(-(1 << 63), 1 << 63)
 SKIPPED_SUFFIXES = ("~", ".swp", ".bak", ".orig", ".dpkg-old", ".dpkg-new", ".dpkg-dist",
                     ".rpmnew", ".rpmsave")
 
@@ -42,25 +55,66 @@ class ConfigError(ValueError):
 class LoadResult:
     descriptions: list[MetricDescription] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Entries of the directory that are not read, e.g. a dangling symlink."""
     files_read: int = 0
     files_skipped: int = 0
 
 
-def description_files(metrics_dir: Path) -> list[Path]:
-    """Every regular, non-hidden file of the directory, but editor and package backups."""
-    return sorted(p for p in metrics_dir.iterdir()
-                  if p.is_file() and not p.name.startswith(".")
-                  and not p.name.endswith(SKIPPED_SUFFIXES))
+def description_files(metrics_dir: Path, warnings: list[str] | None = None) -> list[Path]:
+    """Every regular, non-hidden file of the directory, but editor and package backups.
+
+    Other entries (directories, dangling symlinks, FIFOs...) are not read; those that could
+    be mistaken for descriptions (any symlink, any name ending in .yaml or .yml) are
+    appended to `warnings`.
+    """
+    files = []
+    for path in sorted(metrics_dir.iterdir()):
+        name = path.name
+        if name.startswith(".") or name.endswith(SKIPPED_SUFFIXES):
+            continue
+        try:
+            regular = path.is_file()
+        except OSError as exc:
+            regular = False
+            reason = f"cannot be examined ({exc.strerror})"
+        else:
+            reason = ("is a dangling symlink" if path.is_symlink() and not path.exists()
+                      else "is a directory" if path.is_dir() else "is not a regular file")
+        if regular:
+            files.append(path)
+        elif warnings is not None and (path.is_symlink() or name.endswith((".yaml", ".yml"))):
+            warnings.append(f"{excerpt(path)}: {reason}: not read")
+    return files
+
+
+def _text(value: Any, what: str, errors: list[str], max_bytes: int | None = None) -> None:
+    """Errors for a string the database could not store: NUL, lone surrogate, too long."""
+    if not isinstance(value, str):
+        return
+    if "\0" in value:
+        errors.append(f"{what}: contains a NUL byte, which the database cannot store")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        errors.append(f"{what}: contains a lone surrogate (an invalid \\u escape): "
+                      "not valid UTF-8")
+        return
+    if max_bytes is not None and size > max_bytes:
+        errors.append(f"{what}: {size} bytes long, at most {max_bytes} allowed")
 
 
 def _period(value: Any, what: str, errors: list[str]) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        errors.append(f"{what}: expected a number of milliseconds, got {value!r}")
+        errors.append(f"{what}: expected a number of milliseconds, got {excerpt(repr(value))}")
         return None
     if value < MIN_PERIOD_MS:
         errors.append(f"{what}: must be at least {MIN_PERIOD_MS} ms, got {value!r}")
+        return None
+    if value > MAX_PERIOD_MS:
+        errors.append(f"{what}: must be at most {MAX_PERIOD_MS} ms (a week), got {value!r}")
         return None
     return int(value)
 
@@ -73,32 +127,33 @@ def parse_entry(entry: Any, where: str) -> MetricDescription:
     entry = {ALIASES.get(k, k): v for k, v in entry.items()}
     name = entry.get("name")
     if isinstance(name, str) and name:
-        where = f"{where} ({name})"
+        where = f"{where} ({excerpt(name)})"
     errors: list[str] = []
     for key in sorted(set(entry) - FIELDS, key=str):
-        errors.append(f"{where}: unknown field {key!r} (known: {', '.join(sorted(FIELDS))})")
+        errors.append(f"{where}: unknown field {excerpt(repr(key))} "
+                      f"(known: {', '.join(sorted(FIELDS))})")
     for key in ("name", "device_id", "url"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             errors.append(f"{where}: {key}: required, a non-empty string")
+        else:
+            _text(entry[key], f"{where}: {key}", errors,
+                  None if key == "url" else MAX_ID_BYTES)
     update_every = _period(entry.get("update_every", 10_000), f"{where}: update_every", errors)
     optional_every = _period(entry.get("optional_update_every"),
                              f"{where}: optional_update_every", errors)
     scale = entry.get("scale_factor")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
-        errors.append(f"{where}: scale_factor: expected a number, got {scale!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)
+                              or not math.isfinite(scale)):
+        errors.append(f"{where}: scale_factor: expected a finite number, "
+                      f"got {excerpt(repr(scale))}")
     labels = entry.get("labels") or {}
     if not isinstance(labels, Mapping):
-        errors.append(f"{where}: labels: expected a mapping, got {labels!r}")
+        errors.append(f"{where}: labels: expected a mapping, got {excerpt(labels)}")
     else:
-        for key, value in labels.items():
-            if not isinstance(key, str):
-                errors.append(f"{where}: labels: key {key!r} is not a string")
-            if not isinstance(value, str | int | float | bool) or value is None:
-                errors.append(f"{where}: labels.{key}: expected a string or number, "
-                              f"got {value!r}")
+        _labels(labels, f"{where}: labels", errors)
     optional = entry.get("optional", False)
     if not isinstance(optional, bool):
-        errors.append(f"{where}: optional: expected true or false, got {optional!r}")
+        errors.append(f"{where}: optional: expected true or false, got {excerpt(repr(optional))}")
     if errors:
         raise ConfigError(errors)
     desc = MetricDescription(
@@ -110,25 +165,49 @@ def parse_entry(entry: Any, where: str) -> MetricDescription:
     try:
         protocols.target_key(desc)
     except ValueError as exc:
-        raise ConfigError([f"{where}: url: {exc}"]) from None
+        raise ConfigError([f"{where}: url: {excerpt(exc)}"]) from None
     return desc
+
+
+def _labels(labels: Mapping[Any, Any], where: str, errors: list[str]) -> None:
+    for key, value in labels.items():
+        if not isinstance(key, str):
+            errors.append(f"{where}: key {excerpt(key)} is not a string")
+            continue
+        _text(key, f"{where}: key {excerpt(key)}", errors)
+        what = f"{where}.{excerpt(key)}"
+        if isinstance(value, bool | str):
+            _text(value, what, errors)
+        elif isinstance(value, int):
+            if value not in _INT64:
+                errors.append(f"{what}: integer out of the 64-bit range")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                errors.append(f"{what}: expected a finite number, got {excerpt(repr(value))}")
+        else:
+            errors.append(f"{what}: expected a string or number, got {excerpt(value)}")
+    if not errors:
+        size = len(json.dumps(dict(labels), ensure_ascii=False, separators=(",", ":"))
+                   .encode("utf-8"))
+        if size > MAX_LABELS_BYTES:
+            errors.append(f"{where}: {size} bytes as JSON, the database stores at most "
+                          f"{MAX_LABELS_BYTES} per series")
 
 
 def load_file(path: Path) -> list[MetricDescription]:
     """All descriptions of one file, or ConfigError with every problem found in it."""
+    where = excerpt(path, 400)
     try:
-        content = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+        content = read_yaml(path, "description file")
+    except YamlFileError as exc:
+        raise ConfigError([str(exc)]) from None
     if content is None:
         return []
     entries = content if isinstance(content, list) else [content]
     descriptions, errors = [], []
     for number, entry in enumerate(entries, 1):
         try:
-            descriptions.append(parse_entry(entry, f"{path}: entry {number}"))
+            descriptions.append(parse_entry(entry, f"{where}: entry {number}"))
         except ConfigError as exc:
             errors += exc.errors
     if errors:
@@ -155,7 +234,11 @@ def load_metrics_dir(metrics_dir: str | Path, strict: bool = False) -> LoadResul
     result = LoadResult()
     if not directory.is_dir():
         raise ConfigError([f"{directory}: metrics_dir is not a directory"])
-    for path in description_files(directory):
+    try:
+        paths = description_files(directory, result.warnings)
+    except OSError as exc:
+        raise ConfigError([f"{directory}: cannot list metrics_dir: {exc.strerror}"]) from None
+    for path in paths:
         try:
             descriptions = load_file(path)
         except ConfigError as exc:

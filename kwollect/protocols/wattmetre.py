@@ -33,10 +33,9 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import Reading
+from kwollect.yamlfile import read_yaml
 
 METRIC_ID = "wattmetre_power_watt"
 VERSIONS = (2, 3)
@@ -47,6 +46,10 @@ Frame = tuple[int, list[float]]
 _US = 1_000_000
 _NAN = math.nan
 _MAX_SECONDS_DIGITS = 10  # up to year 2286: rejects glued or garbled timestamps
+MAX_PORTS = 256
+"""OmegaWatt wattmetres have up to 48 ports; a frame with more is a damaged line."""
+PORT_CHANGE_FRAMES = 50
+"""Frames in a row (a second at 50 Hz) with a new port count that make it the stream's."""
 _V3_EXTRA_FIELDS = 11  # timestamp, ok flag, U1-U3 before the port pairs, 6 fields after
 _new_reading = tuple.__new__  # Reading(...) without the NamedTuple __new__ wrapper (hot path)
 
@@ -155,14 +158,7 @@ def load_mapping(path: str | Path) -> dict[str, str]:
     A node may have several ports (one per PSU); a port may belong to one node only.  The
     file may list ports of several wattmetres.  Raises ValueError naming the file and entry.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read mapping file: {exc}") from None
-    try:
-        content = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML: {exc}") from None
+    content = read_yaml(Path(path), "mapping file")
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -204,6 +200,9 @@ class WattmetreAggregator:
         self.wattmetre_id = wattmetre_id
         self._parse = parser_for(version)
         self._expected_ports = ports
+        self._ports = ports
+        """The stream's port count: `ports`, else learnt from its first frame."""
+        self._other_run: list[tuple[int, Frame]] = []
         self._mapping = dict(mapping or {})
         self._promoted: frozenset[str] = frozenset()
         self._rate_log = RateLimitedLog(logger)
@@ -255,23 +254,73 @@ class WattmetreAggregator:
         self._update_raw_ports()
 
     def feed_line(self, line: str) -> list[Reading]:
-        """Parse and feed one line; malformed lines and not-OK frames are counted, not raised."""
+        """Parse and feed one line; malformed lines and not-OK frames are counted, not raised.
+
+        A frame whose port count differs from the stream's is malformed (see `_port_count`).
+        """
         self.lines += 1
         try:
             frame = self._parse(line, self._expected_ports)
+            if frame is None:
+                self.not_ok += 1
+                return []
+            if len(frame[1]) != self._ports:
+                return self._port_count(frame)
         except ValueError as exc:
-            self.malformed += 1
-            self._rate_log.warning(("malformed", self.wattmetre_id),
-                                   "wattmetre %s: skipped malformed line %d: %s",
-                                   self.wattmetre_id, self.lines, exc)
-            return []
-        if frame is None:
-            self.not_ok += 1
+            self._malformed(self.lines, exc)
             return []
         return self.feed(*frame)
 
+    def _malformed(self, line: int, exc: Exception) -> None:
+        self.malformed += 1
+        self._rate_log.warning(("malformed", self.wattmetre_id),
+                               "wattmetre %s: skipped malformed line %d: %s",
+                               self.wattmetre_id, line, exc)
+
+    def _port_count(self, frame: Frame) -> list[Reading]:
+        """A frame of another port count than the stream's (the first frame's, or `ports`).
+
+        Such a frame is a damaged line (one all-numeric 60 KB line once made 15,004 series
+        out of a 4-port stream), unless the device really changed: `PORT_CHANGE_FRAMES`
+        frames in a row with one new count (a second at 50 Hz) make it the stream's count,
+        and those frames are then kept.  More than `MAX_PORTS` ports is always malformed.
+        """
+        count = len(frame[1])
+        if count > MAX_PORTS:
+            raise ValueError(f"{count} ports: more than {MAX_PORTS}")
+        if self._ports is None or self._expected_ports is not None:
+            if self._ports is not None:
+                raise ValueError(f"expected {self._ports} ports, got {count}")
+            self._ports = count
+            return self.feed(*frame)
+        run = self._other_run
+        if run and len(run[0][1][1]) != count:
+            self._end_run()
+        run.append((self.lines, frame))
+        if len(run) < PORT_CHANGE_FRAMES:
+            return []
+        self._rate_log.warning(("ports", self.wattmetre_id),
+                               "wattmetre %s: %d frames in a row with %d ports instead of %d: "
+                               "the stream now has %d ports", self.wattmetre_id, len(run),
+                               count, self._ports, count)
+        self._ports = count
+        self._other_run = []
+        out: list[Reading] = []
+        for _, kept in run:
+            out += self.feed(*kept)
+        return out
+
+    def _end_run(self) -> None:
+        """Frames of another port count were not followed by enough of their kind."""
+        run, self._other_run = self._other_run, []
+        for line, frame in run:
+            self._malformed(line, ValueError(f"expected {self._ports} ports, got "
+                                             f"{len(frame[1])}"))
+
     def feed(self, timestamp_us: int, values: list[float]) -> list[Reading]:
         """Feed one frame; `values` (one per port, NaN = none) is kept, not copied."""
+        if self._other_run:
+            self._end_run()
         out: list[Reading] = []
         second = timestamp_us // _US
         if second != self._open_second:
@@ -304,6 +353,8 @@ class WattmetreAggregator:
 
     def flush(self) -> list[Reading]:
         """Emit the mean of the open (partial) second, e.g. at end of input."""
+        if self._other_run:
+            self._end_run()
         out: list[Reading] = []
         self._emit_means(out)
         self._open_second = None

@@ -11,6 +11,11 @@ deleted once every record in it was read and acknowledged (`done`), so what surv
 or a restart is exactly what was not yet acknowledged: a new `Spool` on the same directory
 reads it again (the caller must tolerate a record it already handled, e.g. by a batch id).
 
+What the directory holds but cannot be used (a directory or special file named like a
+segment, a segment this user cannot read) is logged, naming it and what to do, and left
+in place untouched; the spool works on with the rest, and numbers its new segments after
+it, so that restarting once it is fixed replays it.
+
 Only one process may use a directory at a time (an flock on ``.lock``).  Appends go to the
 page cache at once (one write per record); `sync` makes them durable, and `detach_sync`
 returns the same work as a function to run in a worker thread every second or so, so that
@@ -82,6 +87,10 @@ class Spool:
         self._lock_fd: int | None = None
         self.corrupt_records = 0
         self.corrupt_bytes = 0
+        self.unreadable_segments = 0
+        """Segments left on disk because they could not be read (see the log)."""
+        self.unreadable_records = 0
+        """Records in segments that became unreadable while this process used them."""
 
     # --- state ------------------------------------------------------------------------
 
@@ -107,7 +116,9 @@ class Spool:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise SpoolError(f"spool directory {self.directory}: {exc.strerror}") from exc
+            raise SpoolError(f"spool directory {self.directory}: {exc.strerror}: create it, "
+                             "writable by the service user, or set spool_dir to such a "
+                             "directory") from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -117,17 +128,28 @@ class Spool:
                              f"process") from None
         for path in sorted(self.directory.glob("*" + SUFFIX)):
             stem = path.name[:-len(SUFFIX)]
-            if not stem.isdigit():
+            if not (stem.isascii() and stem.isdigit()):
                 continue
-            segment = _Segment(int(stem), path, path.stat().st_size)
-            segment.records = self._count_records(path)
+            self._next_seq = max(self._next_seq, int(stem) + 1)
+            try:
+                if not path.is_file():
+                    self._log.error("spool %s: not a regular file, left alone: move it out of "
+                                    "the spool directory", path)
+                    continue
+                segment = _Segment(int(stem), path, path.stat().st_size)
+                segment.records = self._count_records(path)
+            except OSError as exc:
+                self._log.error("spool %s: cannot be read (%s), left in place: give the "
+                                "service user read and write access to it and restart to "
+                                "replay it", path, exc.strerror)
+                self.unreadable_segments += 1
+                continue
             if segment.size == 0:
-                path.unlink()
+                path.unlink(missing_ok=True)
                 continue
             self._segments.append(segment)
             self._size += segment.size
             self._records += segment.records
-            self._next_seq = segment.seq + 1
 
     def close(self) -> None:
         """Make everything durable and release the directory."""
@@ -240,13 +262,36 @@ class Spool:
     # --- reading ------------------------------------------------------------------------
 
     def read(self) -> tuple[SpoolRef, bytes] | None:
-        """The next unread record in append order, or None when everything was read."""
-        for segment in self._segments:
+        """The next unread record in append order, or None when everything was read.
+
+        A segment that cannot be read any more is logged and given up (left on disk).
+        """
+        for segment in list(self._segments):
             while segment.read_offset < segment.size:
-                found = self._read_record(segment)
+                try:
+                    found = self._read_record(segment)
+                except OSError as exc:
+                    self._give_up(segment, exc)
+                    break
                 if found is not None:
                     return found
         return None
+
+    def _give_up(self, segment: _Segment, exc: OSError) -> None:
+        self._log.error("spool %s: cannot be read any more (%s): %d record(s) left in it "
+                        "on disk; give the service user access to it and restart to replay "
+                        "them", segment.path, exc.strerror or exc, segment.records)
+        self.unreadable_segments += 1
+        self.unreadable_records += segment.records
+        self._records -= segment.records
+        self._size -= segment.size
+        segment.records = 0
+        if segment.writable:
+            assert self._fd is not None
+            os.close(self._fd)
+            self._fd = None
+            self._dirty = False
+        self._segments.remove(segment)
 
     def _read_record(self, segment: _Segment) -> tuple[SpoolRef, bytes] | None:
         offset = segment.read_offset
