@@ -20,16 +20,48 @@ INSERT INTO kwollect.settings (key, value) VALUES
     ('summary_lag_seconds', '60'),
     ('partitions_ahead', '2'),
     ('archive_tablespace', ''),
-    ('archive_after_hour', '192')
+    ('archive_after_hour', '192'),
+    ('min_timestamp', '1970-01-01 00:00:00+00'),
+    ('max_timestamp', '2100-01-01 00:00:00+00')
 ON CONFLICT (key) DO NOTHING;
 
+-- Settings come from the table only, never from a session variable: SECURITY DEFINER
+-- maintenance runs as the owner, and a caller's `SET kwollect.partitions_ahead = 400`
+-- (or summary_lag_seconds, chunk_interval_hour, archive_tablespace) must not steer it.
+-- The one per-request override, kwollect.max_rows, is read by check_row_bound itself.
 CREATE OR REPLACE FUNCTION kwollect.setting(p_key text) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(nullif(current_setting('kwollect.' || p_key, true), ''),
-                    (SELECT value FROM kwollect.settings WHERE key = p_key))
+    SELECT value FROM kwollect.settings WHERE key = p_key
 $$;
 COMMENT ON FUNCTION kwollect.setting(text) IS
-    'A setting: the transaction/session GUC kwollect.<key> when set, else kwollect.settings.';
+    'A setting from kwollect.settings (session variables kwollect.<key> are ignored).';
+
+-- Sample timestamps are stored from min_timestamp (inclusive, default 1970-01-01 UTC) to
+-- max_timestamp (exclusive, default 2100-01-01 UTC).  A timestamp outside is a broken
+-- clock or a typo (a BC date, year 20260): it is refused with this message instead of
+-- creating a partition for it.
+CREATE OR REPLACE FUNCTION kwollect.timestamp_in_range(p_ts timestamptz) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT p_ts >= kwollect.setting('min_timestamp')::timestamptz
+       AND p_ts < kwollect.setting('max_timestamp')::timestamptz
+$$;
+
+CREATE OR REPLACE FUNCTION kwollect.check_timestamps(p_ts timestamptz[]) RETURNS void
+LANGUAGE plpgsql STABLE
+SET timezone = 'UTC' AS $$
+DECLARE
+    bad timestamptz;
+BEGIN
+    SELECT t INTO bad FROM unnest(p_ts) t WHERE NOT kwollect.timestamp_in_range(t) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'timestamp % is out of range', bad
+            USING ERRCODE = 'datetime_field_overflow',
+                  HINT = format('kwollect stores samples from %s (inclusive) to %s (exclusive), '
+                                'UTC (settings min_timestamp and max_timestamp).',
+                                kwollect.setting('min_timestamp')::timestamptz,
+                                kwollect.setting('max_timestamp')::timestamptz);
+    END IF;
+END $$;
 
 CREATE TABLE IF NOT EXISTS kwollect.schema_version (
     version    text PRIMARY KEY,

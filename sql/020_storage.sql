@@ -81,8 +81,10 @@ BEGIN
         RAISE EXCEPTION 'invalid chunk_interval_hour setting: %', kwollect.setting('chunk_interval_hour');
     END IF;
     PERFORM pg_advisory_xact_lock(hashtext('kwollect.ensure_partitions'));
-    FOR t IN SELECT DISTINCT u FROM unnest(p_ts) AS u WHERE u IS NOT NULL
-                                                      AND u > '-infinity' AND u < 'infinity'
+    -- Timestamps out of [min_timestamp, max_timestamp) get no partition: the API refuses
+    -- them (kwollect.check_timestamps); rows a collector copied anyway stay in the default
+    -- partition, stored and visible, without a partition named after a broken clock.
+    FOR t IN SELECT DISTINCT u FROM unnest(p_ts) AS u WHERE kwollect.timestamp_in_range(u)
              ORDER BY u
     LOOP
         CONTINUE WHEN kwollect.partition_exists(t);
@@ -90,7 +92,10 @@ BEGIN
         hi := lo + make_interval(secs => step_s);
         lo := greatest(lo, (SELECT max(range_end) FROM kwollect.partitions WHERE range_end <= t));
         hi := least(hi, (SELECT min(range_start) FROM kwollect.partitions WHERE range_start > t));
-        name := 'samples_' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS');
+        -- Unique for every range: ranges never overlap, so no two share a start, and the
+        -- era is part of the name (to_char drops it: 2026 BC would collide with 2026 AD).
+        name := 'samples_' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS')
+                || CASE WHEN lo < '0001-01-01 00:00:00+00' THEN '_bc' ELSE '' END;
         EXECUTE format('CREATE TABLE kwollect_partitions.%I (LIKE kwollect.samples INCLUDING DEFAULTS)',
                        name);
         EXECUTE format('ALTER TABLE kwollect_partitions.%I ADD CONSTRAINT %I CHECK (ts >= %L AND ts < %L)',
@@ -181,7 +186,18 @@ CREATE OR REPLACE FUNCTION kwollect.series_ids(p_device text[], p_metric text[],
 RETURNS integer[] LANGUAGE plpgsql AS $$
 DECLARE
     result integer[];
+    too_long text;
 BEGIN
+    -- Ids are index keys: a B-tree row holds at most about 2,700 bytes, and a longer id
+    -- failed with an internal error naming the index.  The documented limit is 255
+    -- characters for device_id and for metric_id.
+    SELECT x INTO too_long FROM unnest(p_device || p_metric) x WHERE length(x) > 255 LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'device_id or metric_id longer than 255 characters: %...',
+                        left(too_long, 40)
+            USING ERRCODE = 'string_data_right_truncation',
+                  HINT = 'device_id and metric_id hold at most 255 characters.';
+    END IF;
     INSERT INTO kwollect.series (device_id, metric_id, labels)
     SELECT DISTINCT u.d, u.m, coalesce(u.l, '{}')
     FROM unnest(p_device, p_metric, p_labels) AS u(d, m, l)

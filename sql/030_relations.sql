@@ -37,6 +37,9 @@ BEGIN
     IF NOT (NEW."timestamp" >= nullif(current_setting('kwollect.part_lo', true), '')::timestamptz
             AND NEW."timestamp" < nullif(current_setting('kwollect.part_hi', true), '')::timestamptz)
        IS TRUE THEN
+        IF NOT kwollect.timestamp_in_range(NEW."timestamp") THEN
+            PERFORM kwollect.check_timestamps(ARRAY[NEW."timestamp"]);
+        END IF;
         IF NOT kwollect.partition_exists(NEW."timestamp") THEN
             PERFORM kwollect.ensure_partitions(ARRAY[NEW."timestamp"]);
         END IF;

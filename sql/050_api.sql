@@ -124,7 +124,10 @@ CREATE OR REPLACE FUNCTION kwollect.check_row_bound(p_series integer[], p_start 
                                                     p_end timestamptz)
 RETURNS boolean LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
-    bound     bigint := kwollect.setting('max_rows')::bigint;
+    -- kwollect-api sets kwollect.max_rows per request; SQL callers may too (it bounds
+    -- their own query, nothing privileged).
+    bound     bigint := coalesce(nullif(current_setting('kwollect.max_rows', true), ''),
+                                 kwollect.setting('max_rows'))::bigint;
     watermark timestamptz := (SELECT s.watermark FROM kwollect.summary_state s);
     split     timestamptz;
     n         bigint := 0;
@@ -451,6 +454,7 @@ BEGIN
     IF v_ts IS NULL THEN
         RETURN;
     END IF;
+    PERFORM kwollect.check_timestamps(v_ts);
     v_series := kwollect.series_ids(v_device, v_metric, v_labels);
     -- Partitions are created by a statement of their own: a statement cannot attach a
     -- partition to the table it inserts into.

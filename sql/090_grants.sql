@@ -10,6 +10,7 @@ DECLARE
     owner  text := kwollect.setting('owner_role');
     writer text := kwollect.setting('writer_role');
     reader text := kwollect.setting('reader_role');
+    fn     regprocedure;
 BEGIN
     IF owner IS NULL OR writer IS NULL OR reader IS NULL THEN
         RAISE EXCEPTION 'kwollect.settings lacks owner_role, writer_role or reader_role';
@@ -40,7 +41,21 @@ BEGIN
                    'public.nodetime_per_job TO %I', writer);
     EXECUTE format('GRANT EXECUTE ON FUNCTION api.insert_metrics(text, text, text, double precision, jsonb), '
                    'api.insert_metrics(jsonb), api.update_promoted_metrics() TO %I', writer);
-    -- Partition management runs as the owner (SECURITY DEFINER) and only for the writer.
-    EXECUTE format('REVOKE EXECUTE ON FUNCTION kwollect.ensure_partitions(timestamptz[]), '
-                   'kwollect.relocate_default_rows(), kwollect.maintain() FROM %I', reader);
+    -- SECURITY DEFINER functions run as the owner: nobody may call one unless granted
+    -- below by name.  Every such function in any schema of the database loses EXECUTE for
+    -- PUBLIC, the writer and the reader first, so a function added later is closed until
+    -- this list opens it (tests/test_security_sql.py checks the list).
+    FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
+              JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND p.proowner = (SELECT oid FROM pg_roles WHERE rolname = owner)
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC, %I, %I', fn, writer, reader);
+    END LOOP;
+    -- The writer creates partitions for the rows it copies, and runs `kwollect maintain`
+    -- (which archives and relocates as the owner: those two stay closed to everyone).
+    -- The reader calls none: archive_partitions() in a reader's open transaction held an
+    -- ACCESS EXCLUSIVE lock that blocked every read.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION kwollect.ensure_partitions(timestamptz[]), '
+                   'kwollect.maintain() TO %I', writer);
 END $$;

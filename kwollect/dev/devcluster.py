@@ -72,14 +72,16 @@ class PrivateCluster:
 
     def __init__(self, base_dir: str | Path | None = None, port: int | None = None,
                  settings: dict[str, str] | None = None,
-                 preload: tuple[str, ...] = ()) -> None:
-        """`preload`: extensions to load at start (those not installed are left out)."""
+                 preload: tuple[str, ...] = (), stock: bool = False) -> None:
+        """`preload`: extensions to load at start (those not installed are left out).
+        `settings` add to DEFAULT_SETTINGS; with `stock`, they replace them (only what is
+        given differs from a stock server: e.g. jit stays on, as on a fresh install)."""
         self.bindir = find_pg_bindir()
         self.base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="kwollect-pg-"))
         self.datadir = self.base / "data"
         self.socket_dir = str(self.base)
         self.port = port or free_port()
-        self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self.settings = {**({} if stock else DEFAULT_SETTINGS), **(settings or {})}
         self.preloaded = [name for name in installed_extensions(self.bindir) if name in preload]
         if self.preloaded:
             self.settings["shared_preload_libraries"] = ",".join(self.preloaded)

@@ -74,8 +74,15 @@ def schema_version() -> str:
 
 
 def role_names(user: str) -> dict[str, str]:
-    """The three roles: the writer keeps the reference login name, the reader its _ro twin."""
-    return {"owner_role": f"{user}_owner", "writer_role": user, "reader_role": f"{user}_ro"}
+    """The roles: the writer keeps the reference login name, the reader its _ro twin.
+
+    The API gateway logs in as its own role (`<user>_api`, NOINHERIT: it has no privilege
+    until it switches to the writer or the reader per request, as PostgREST's
+    authenticator): a collector's credential lets its holder change the writer's password
+    (ALTER ROLE CURRENT_USER PASSWORD), which must not lock the gateway out.
+    """
+    return {"owner_role": f"{user}_owner", "writer_role": user, "reader_role": f"{user}_ro",
+            "api_role": f"{user}_api"}
 
 
 def make_token(secret: str, role: str, expiry_days: int) -> str:
@@ -108,7 +115,7 @@ async def ensure_roles(conn: asyncpg.Connection, roles: dict[str, str],
                        passwords: dict[str, str]) -> None:
     for key, role in roles.items():
         exists = await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
-        login = "NOLOGIN" if key == "owner_role" else "LOGIN"
+        login = {"owner_role": "NOLOGIN", "api_role": "LOGIN NOINHERIT"}.get(key, "LOGIN")
         if not exists:
             await _ddl(conn, f"CREATE ROLE %I {login} NOSUPERUSER NOCREATEDB NOCREATEROLE", role)
         else:
@@ -116,6 +123,8 @@ async def ensure_roles(conn: asyncpg.Connection, roles: dict[str, str],
         if key in passwords:
             await _set_password(conn, role, passwords[key])
     await _ddl(conn, "GRANT %I TO %I", roles["reader_role"], roles["writer_role"])
+    await _ddl(conn, "GRANT %I, %I TO %I", roles["writer_role"], roles["reader_role"],
+               roles["api_role"])
 
 
 async def ensure_database(conn: asyncpg.Connection, name: str, owner: str) -> None:
@@ -125,6 +134,10 @@ async def ensure_database(conn: asyncpg.Connection, name: str, owner: str) -> No
                    name, owner)
     else:
         await _ddl(conn, "ALTER DATABASE %I OWNER TO %I", name, owner)
+    # PostgreSQL's default jit = on compiles the API's plans (their estimated cost is over
+    # jit_above_cost): a 4-row get_metrics took 1.3-2.5 s ("JIT: Functions 343"), and under
+    # 50 clients 85-90 % of requests timed out.  Off for every session of this database.
+    await _ddl(conn, "ALTER DATABASE %I SET jit = off", name)
 
 
 async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
@@ -199,20 +212,42 @@ async def ensure_archive(conn: asyncpg.Connection, path: str, owner: str) -> Non
 
 async def set_timeouts(conn: asyncpg.Connection, conf: dict[str, Any],
                        roles: dict[str, str]) -> None:
+    """statement_timeout and idle_in_transaction_session_timeout for the login roles.
+
+    A transaction left open holds locks that make maintenance (ATTACH PARTITION) wait,
+    and every reader then queues behind maintenance: idle transactions end after the
+    request timeout too.
+    """
     minutes = positive_int(conf, "request_timeout_min")
-    for key in ("writer_role", "reader_role"):
-        statement = await conn.fetchval(
-            "SELECT format('ALTER ROLE %I IN DATABASE %I SET statement_timeout = %L',"
-            " $1::text, $2::text, $3::text)",
-            roles[key], conf["kwollect_db_name"], f"{minutes}min")
-        await conn.execute(statement)
+    for key in ("writer_role", "reader_role", "api_role"):
+        for name in ("statement_timeout", "idle_in_transaction_session_timeout"):
+            statement = await conn.fetchval(
+                "SELECT format('ALTER ROLE %I IN DATABASE %I SET %I = %L',"
+                " $1::text, $2::text, $3::text, $4::text)",
+                roles[key], conf["kwollect_db_name"], name, f"{minutes}min")
+            await conn.execute(statement)
 
 
-def postgrest_config(conf: dict[str, Any], roles: dict[str, str], secret: str) -> str:
+async def api_login_password(conn: asyncpg.Connection, roles: dict[str, str]) -> str:
+    """The gateway login's password: random, kept next to the JWT secret, set on the role.
+
+    Kept so that re-running setup does not lock out a gateway started with the last
+    configuration; readable by the owner (and superusers) only.
+    """
+    await conn.execute("ALTER TABLE kwollect.api_secret ADD COLUMN IF NOT EXISTS api_password text")
+    await conn.execute("UPDATE kwollect.api_secret SET api_password = $1 "
+                       "WHERE api_password IS NULL", secrets.token_urlsafe(32))
+    password = await conn.fetchval("SELECT api_password FROM kwollect.api_secret")
+    await _set_password(conn, roles["api_role"], password)
+    return password
+
+
+def postgrest_config(conf: dict[str, Any], roles: dict[str, str], secret: str,
+                     api_password: str) -> str:
     host = conf["api_db_host"] or ("localhost" if str(conf["db_host"]).startswith("/")
                                    else conf["db_host"])
-    uri = (f"postgres://{quote(roles['writer_role'], safe='')}:"
-           f"{quote(conf['kwollect_password'], safe='')}@{host}:{conf['db_port']}/"
+    uri = (f"postgres://{quote(roles['api_role'], safe='')}:"
+           f"{quote(api_password, safe='')}@{host}:{conf['db_port']}/"
            f"{quote(conf['kwollect_db_name'], safe='')}")
     return (f'db-uri = "{uri}"\n'
             f'db-schemas = "api"\n'
@@ -245,10 +280,11 @@ async def setup(conf: dict[str, Any]) -> tuple[str, str]:
             count = await load_jobmetrics_requests(conn, conf["jobmetrics_requests_path"])
             log.info("loaded %d job metrics requests", count)
         secret = await api_secret(conn, roles["owner_role"])
+        api_password = await api_login_password(conn, roles)
     finally:
         await conn.close()
     token = make_token(secret, roles["writer_role"], int(conf["token_expiry_days"]))
-    return postgrest_config(conf, roles, secret), token
+    return postgrest_config(conf, roles, secret, api_password), token
 
 
 def main(argv: Sequence[str] | None = None) -> int:
