@@ -39,7 +39,8 @@ import asyncpg
 from kwollect.dev.devcluster import PrivateCluster
 from kwollect.model import Reading
 from kwollect.store.setupdb import DEFAULTS, setup
-from kwollect.store.writer import Writer, WriterOptions, _Batch, us_to_datetime
+from kwollect.store.writer import Batch, Writer, WriterOptions, us_to_datetime
+from kwollect.store.writer.copy_encoders import samples_copy
 
 METRICS = ["bmc_node_power_watt", "wattmetre_power_watt", "pdu_outlet_power_watt",
            "prom_node_network_receive_bytes_total", "prom_node_network_transmit_bytes_total",
@@ -162,14 +163,15 @@ async def compare_encoders(args: argparse.Namespace, kwargs: dict) -> None:
         await asyncio.sleep(0.01)
     await writer.close()
     conn = await asyncpg.connect(**kwargs)
-    handles = writer._handles_of(rows)
-    batch = _Batch(uuid.uuid4(), [r[0] for r in rows], [r[3] for r in rows], handles)
-    sids = [writer._sids[h] for h in handles]
+    series = writer._series
+    handles = series.handles_of(rows)
+    batch = Batch(uuid.uuid4(), [r[0] for r in rows], [r[3] for r in rows], handles)
+    sids = [series.sids[h] for h in handles]
     for name in ("hand-encoded binary COPY", "copy_records_to_table"):
         cpu0, t0 = cpu_self(), time.perf_counter()
         async with conn.transaction():
             if name.startswith("hand"):
-                data = writer._copy_data(batch)
+                data = samples_copy(batch, series.sids)
                 await conn.copy_to_table("samples", schema_name="kwollect",
                                          source=memoryview(data),
                                          columns=["ts", "value", "series_id"], format="binary")
