@@ -21,11 +21,12 @@ from aiohttp import web
 
 from kwollect.collect.metricsd import ConfigError, LoadResult, load_metrics_dir
 from kwollect.collect.promotion import PROMOTED_QUERY, Promotions
-from kwollect.collect.scheduler import Scheduler, schedule_entries, target_name
+from kwollect.collect.scheduler import Scheduler, schedule_entries
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import now_us
 from kwollect.options import tool_options
+from kwollect.protocols.url import target_name
 from kwollect.store.dbconn import DB_DEFAULTS, connect_kwargs
 from kwollect.store.writer import WRITER_DEFAULTS, Writer, WriterOptions
 
@@ -61,7 +62,7 @@ def plan_lines(result: LoadResult) -> list[str]:
     for desc in result.descriptions:
         for period, entry in schedule_entries(desc):
             when = " (while promoted)" if entry.promoted_only else ""
-            groups.setdefault((target_name(desc), period), []).append(
+            groups.setdefault((target_name(desc.url), period), []).append(
                 f"{desc.device_id}/{desc.name}{when}")
     lines = [f"{len(result.descriptions)} metrics from {result.files_read} files "
              f"({result.files_skipped} skipped), {len(groups)} polling groups:"]

@@ -19,14 +19,17 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from functools import partial
 
 from kwollect import protocols
 from kwollect.collect.promotion import Promotions
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import Collector, MetricDescription, Reading
+from kwollect.protocols.contract import TargetKey
+from kwollect.protocols.sharing import SharedRegistry
+from kwollect.protocols.url import target_name
 
 log = logging.getLogger("kwollect.collect.scheduler")
 
@@ -58,8 +61,8 @@ def schedule_entries(desc: MetricDescription) -> list[tuple[int, Entry]]:
     return [(desc.update_every_ms, Entry(desc))]
 
 
-TargetKey = tuple[str, Hashable]
-GroupKey = tuple[str, Hashable, int]
+GroupKey = tuple[str, TargetKey, int]
+"""(protocol, target key, period in ms)."""
 
 
 @dataclass
@@ -76,19 +79,11 @@ class TargetStats:
     last_latency_s: float = 0.0
 
 
-def target_name(desc: MetricDescription) -> str:
-    """scheme://host:port of a description: no credentials, no path."""
-    parts = urlsplit(desc.url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
-
-
 @dataclass
 class _Target:
     collector: Collector
     limit: asyncio.Semaphore
     stats: TargetStats
-    users: int = 0
 
 
 @dataclass
@@ -117,7 +112,7 @@ class Scheduler:
         self._promotions = promotions
         self._timeout_s = timeout_s
         self._concurrency = target_concurrency
-        self._targets: dict[TargetKey, _Target] = {}
+        self._targets: SharedRegistry[tuple[str, TargetKey], _Target] = SharedRegistry()
         self._groups: dict[GroupKey, _Group] = {}
         self._log = RateLimitedLog(log, 60)
         self.values_collected = 0
@@ -138,21 +133,25 @@ class Scheduler:
             protocol, key = protocols.target_key(desc)
             for period, entry in schedule_entries(desc):
                 wanted.setdefault((protocol, key, period), []).append(entry)
-        stopped = [k for k, g in self._groups.items()
+        stopped = [self._groups.pop(k) for k, g in list(self._groups.items())
                    if tuple(wanted.get(k, ())) != g.entries]
-        for key in stopped:
-            self._stop_group(self._groups.pop(key))
+        for group in stopped:
+            self._cancel(group)
         started = 0
-        for key, entries in wanted.items():
-            if key in self._groups:
+        for gkey, entries in wanted.items():
+            if gkey in self._groups:
                 continue
-            target = self._target(key[0], key[1], entries[0].desc)
-            group = _Group(key, tuple(entries), target)
+            target = self._targets.acquire(gkey[:2], partial(self._open, gkey, entries[0].desc))
+            group = _Group(gkey, tuple(entries), target)
             group.task = asyncio.create_task(self._run(group), name=f"poll {target.stats.name}")
-            self._groups[key] = group
+            self._groups[gkey] = group
             started += 1
-        for tkey in [k for k, t in self._targets.items() if t.users == 0]:
-            asyncio.create_task(self._targets.pop(tkey).collector.close())
+        # released after the new groups took theirs: a target whose groups changed keeps
+        # its collector (and its connections)
+        for group in stopped:
+            last = self._targets.release(group.key[:2])
+            if last is not None:
+                asyncio.create_task(last.collector.close())
         return started, len(wanted) - started, len(stopped)
 
     def promotions_changed(self) -> None:
@@ -162,7 +161,7 @@ class Scheduler:
 
     async def close(self) -> None:
         for group in self._groups.values():
-            self._stop_group(group)
+            self._cancel(group)
         tasks = [t for g in self._groups.values() for t in (g.task, g.poll) if t]
         await asyncio.gather(*tasks, return_exceptions=True)
         self._groups.clear()
@@ -170,18 +169,13 @@ class Scheduler:
                              return_exceptions=True)
         self._targets.clear()
 
-    def _target(self, protocol: str, key: Hashable, desc: MetricDescription) -> _Target:
-        target = self._targets.get((protocol, key))
-        if target is None:
-            collector = protocols.open_collector(protocol, key, self._timeout_s)
-            target = _Target(collector, asyncio.Semaphore(self._concurrency),
-                             TargetStats(target_name(desc)))
-            self._targets[(protocol, key)] = target
-        target.users += 1
-        return target
+    def _open(self, gkey: GroupKey, desc: MetricDescription) -> _Target:
+        collector = protocols.open_collector(gkey[0], gkey[1], self._timeout_s)
+        return _Target(collector, asyncio.Semaphore(self._concurrency),
+                       TargetStats(target_name(desc.url)))
 
-    def _stop_group(self, group: _Group) -> None:
-        group.target.users -= 1
+    @staticmethod
+    def _cancel(group: _Group) -> None:
         for task in (group.task, group.poll):
             if task:
                 task.cancel()

@@ -24,20 +24,29 @@ from __future__ import annotations
 import base64
 import ssl
 import time
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
-from urllib.parse import SplitResult, unquote
+from typing import Any, NamedTuple
 
 import aiohttp
 
-_COMMON_OPTIONS = frozenset({"bearer_file", "ca_file", "insecure"})
-_TRUE = frozenset({"", "1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
+from kwollect.errors import KwollectError
+from kwollect.protocols.url import (
+    Option,
+    Secret,
+    UrlParts,
+    absolute_path,
+    flag,
+    read_options,
+    split_url,
+)
+
+_COMMON_OPTIONS = (Option("bearer_file", absolute_path), Option("ca_file", absolute_path),
+                   Option("insecure", flag))
 
 
-class FetchError(Exception):
+class FetchError(KwollectError):
     """An HTTP target could not be read; the message names the target, never a password."""
 
 
@@ -48,87 +57,47 @@ class HttpTarget:
     url: str
     """The URL requested (no credentials, no kwollect options): safe to log."""
     username: str | None = None
-    password: str | None = field(default=None, repr=False)
+    password: Secret | None = None
     bearer_file: str | None = None
     ca_file: str | None = None
     insecure: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.url
 
     def __str__(self) -> str:
         return self.url
 
 
-def split_query(query: str) -> list[tuple[str, str, str]]:
-    """``(decoded name, decoded value, raw item)`` for each ``&``-separated query item.
+def read_http_url(url: str, schemes: tuple[str, str], what: str,
+                  own: Sequence[Option[Any]]) -> tuple[UrlParts, dict[str, Any], list[str]]:
+    """Split an HTTP-based metric URL (`schemes`: the http one, then the https one).
 
-    Decoding does not turn ``+`` into a space, so file paths survive as written.
+    Returns its parts, the kwollect options found in the query (the common ones and `own`)
+    and the raw query items to send to the server.  Raises ValueError naming what is wrong.
     """
-    items = []
-    for raw in query.split("&"):
-        if raw:
-            name, _, value = raw.partition("=")
-            items.append((unquote(name), unquote(value), raw))
-    return items
+    parts = split_url(url, schemes, what, {schemes[0]: 80, schemes[1]: 443})
+    options, forwarded = read_options(parts, (*_COMMON_OPTIONS, *own), forward_unknown=True)
+    return parts, options, forwarded
 
 
-def http_target(parts: SplitResult, secure: bool, path: str,
-                options: dict[str, str], forwarded: Collection[str]) -> HttpTarget:
-    """Build the target from a parsed metric URL.
+def http_target(parts: UrlParts, secure: bool, path: str,
+                options: dict[str, Any], forwarded: Collection[str]) -> HttpTarget:
+    """Build the target from a parsed metric URL (see `read_http_url`).
 
-    `options` are the kwollect options found in the query (see `take_options`), `forwarded`
-    the raw query items sent to the server. Raises ValueError naming what is wrong.
+    Raises ValueError naming what is wrong.
     """
-    host = parts.hostname
-    if not host:
-        raise ValueError("no host in URL")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"invalid port in URL: {exc}") from None
-    if port is None:
-        port = 443 if secure else 80
-    if ":" in host:
-        host = f"[{host}]"
-    url = f"{'https' if secure else 'http'}://{host}:{port}{path}"
+    host = f"[{parts.host}]" if ":" in parts.host else parts.host
+    url = f"{'https' if secure else 'http'}://{host}:{parts.port}{path}"
     if forwarded:
         url += "?" + "&".join(forwarded)
-
-    bearer_file = options.get("bearer_file")
-    ca_file = options.get("ca_file")
-    insecure = _flag(options["insecure"]) if "insecure" in options else False
-    for name, value in (("bearer_file", bearer_file), ("ca_file", ca_file)):
-        if value is not None and not Path(value).is_absolute():
-            raise ValueError(f"{name} must be an absolute path, got {value!r}")
-    if not secure and (ca_file is not None or "insecure" in options):
-        raise ValueError("ca_file and insecure only apply to https URLs")
-    username = unquote(parts.username) if parts.username is not None else None
-    password = unquote(parts.password) if parts.password is not None else None
-    if bearer_file is not None and username is not None:
-        raise ValueError("give either user:password@ (basic auth) or bearer_file, not both")
-    return HttpTarget(url, username, password, bearer_file, ca_file, insecure)
-
-
-def take_options(query: str, own: Collection[str]) -> tuple[dict[str, str], list[str]]:
-    """Split a query into kwollect options (the common ones plus `own`) and forwarded items."""
-    known = _COMMON_OPTIONS | set(own)
-    options: dict[str, str] = {}
-    forwarded: list[str] = []
-    for name, value, raw in split_query(query):
-        if name not in known:
-            forwarded.append(raw)
-        elif name in options:
-            raise ValueError(f"option {name!r} given twice")
-        else:
-            options[name] = value
-    return options, forwarded
-
-
-def _flag(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"insecure must be 1/0, true/false, yes/no or on/off, got {value!r}")
+    if not secure and ("ca_file" in options or "insecure" in options):
+        raise parts.error("ca_file and insecure only apply to https URLs")
+    if "bearer_file" in options and parts.username is not None:
+        raise parts.error("give either user:password@ (basic auth) or bearer_file, not both")
+    return HttpTarget(url, parts.username, parts.password, options.get("bearer_file"),
+                      options.get("ca_file"), options.get("insecure", False))
 
 
 class Response(NamedTuple):
@@ -167,7 +136,8 @@ class HttpClient:
             ssl_option = context
         headers = dict(self._headers)
         if target.username is not None:
-            credentials = f"{target.username}:{target.password or ''}".encode()
+            password = target.password.reveal() if target.password else ""
+            credentials = f"{target.username}:{password}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=ssl_option), headers=headers,

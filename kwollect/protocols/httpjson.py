@@ -29,9 +29,8 @@ For example ``json+https://admin:pw@bmc-1/redfish/v1/Chassis/1/Power#PowerContro
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
-from urllib.parse import urlsplit
 
 import orjson
 from jsonpath import JSONPath, JSONPathEnvironment, JSONPathError
@@ -43,8 +42,9 @@ from kwollect.protocols.http_common import (
     HttpClient,
     HttpTarget,
     http_target,
-    take_options,
+    read_http_url,
 )
+from kwollect.protocols.url import Option, any_text
 
 SCHEMES = ("json+http", "json+https")
 
@@ -54,17 +54,19 @@ _jsonpath_env = JSONPathEnvironment(strict=True)
 _JSON_TYPES = {dict: "an object", list: "an array"}
 
 
+_OPTIONS = (Option("jsonpath", any_text),)
+
+
 def _jsonpath_text(url: str) -> str:
-    parts = urlsplit(url)
-    options, _ = take_options(parts.query, ("jsonpath",))
+    parts, options, _ = read_http_url(url, SCHEMES, "JSON-over-HTTP", _OPTIONS)
     if parts.fragment and "jsonpath" in options:
-        raise ValueError("JSONPath given twice: as #fragment and as jsonpath= option")
-    text = (parts.fragment or options.get("jsonpath", "")).strip()
-    if not text:
-        raise ValueError("no JSONPath: end the URL with #<jsonpath> or add ?jsonpath=")
-    if not text.startswith("$"):
-        text = ("$" if text.startswith("[") else "$.") + text
-    return text
+        raise parts.error("JSONPath given twice: as #fragment and as jsonpath= option")
+    path = (parts.fragment or options.get("jsonpath", "")).strip()
+    if not path:
+        raise parts.error("no JSONPath: end the URL with #<jsonpath> or add ?jsonpath=")
+    if not path.startswith("$"):
+        path = ("$" if path.startswith("[") else "$.") + path
+    return path
 
 
 @lru_cache(maxsize=4096)
@@ -81,19 +83,14 @@ def _query(url: str) -> tuple[JSONPath, bool]:
     return query, query.singular_query()
 
 
-def target_key(desc: MetricDescription) -> Hashable:
-    parts = urlsplit(desc.url)
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        raise ValueError(f"not a JSON-over-HTTP URL scheme: {scheme!r}")
+def target_key(desc: MetricDescription) -> HttpTarget:
     _query(desc.url)
-    options, forwarded = take_options(parts.query, ("jsonpath",))
-    return http_target(parts, scheme == "json+https", parts.path or "/", options, forwarded)
+    parts, options, forwarded = read_http_url(desc.url, SCHEMES, "JSON-over-HTTP", _OPTIONS)
+    return http_target(parts, parts.scheme == "json+https", parts.path or "/", options,
+                       forwarded)
 
 
-def open_collector(key: Hashable, timeout: float) -> JsonCollector:
-    if not isinstance(key, HttpTarget):
-        raise TypeError(f"not a JSON-over-HTTP target key: {key!r}")
+def open_collector(key: HttpTarget, timeout: float) -> JsonCollector:
     return JsonCollector(key, timeout)
 
 

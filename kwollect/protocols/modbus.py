@@ -41,21 +41,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, NamedTuple
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
+from kwollect.errors import KwollectError, TargetTimeout, TargetUnreachable
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import MetricDescription, Reading, make_reading, midpoint_us
-from kwollect.protocols import redact_url
+from kwollect.protocols.sharing import SharedRegistry
+from kwollect.protocols.url import Option, choice, integer, number, read_options, split_url
 
 SCHEMES = ("modbus",)
 
@@ -97,7 +97,6 @@ _TYPES = {"uint16": "H", "int16": "h", "uint32": "I", "int32": "i", "float32": "
 _ORDERS = {"ABCD": (False, False), "CDAB": (False, True), "BADC": (True, False),
            "DCBA": (True, True)}
 """Order code -> (bytes swapped inside each register, registers in reverse order)."""
-_OPTIONS = ("kind", "type", "order", "scale", "max_span", "max_gap")
 
 _SPLIT_CODES = frozenset({2, 3})
 """Exception codes that may mean "this joined read is not acceptable", worth splitting."""
@@ -164,86 +163,67 @@ def _int_in(text: str, low: int, high: int, what: str, url: str) -> int:
     return value
 
 
+class Gateway(NamedTuple):
+    """The target key: a gateway, (host, port); all units behind it share one connection."""
+
+    host: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        return f"modbus://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+
+
+_OPTIONS = (
+    Option("kind", choice(_KINDS)),
+    Option("type", choice(_TYPES)),
+    Option("order", choice(_ORDERS, upper=True)),
+    Option("scale", number(nonzero=True)),
+    Option("max_span", integer(1, 2000, hexadecimal=True)),
+    Option("max_gap", integer(0, 2000, hexadecimal=True)),
+)
+
+
 @lru_cache(maxsize=65536)
-def _parse(url: str) -> tuple[tuple[str, int], _Point]:
-    """Validate a modbus URL: ((host, port), what it reads).  ValueError names the culprit."""
-    shown = redact_url(url)
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in SCHEMES:
-        raise ValueError(f"{shown}: scheme must be one of {', '.join(SCHEMES)}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{shown}: Modbus has no credentials, remove the user part")
-    if not parts.hostname:
-        raise ValueError(f"{shown}: host is missing")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port is None:
-        port = DEFAULT_PORT
-    elif port == 0:
-        raise ValueError(f"{shown}: port is not a number in 1..65535")
+def _parse(url: str) -> tuple[Gateway, _Point]:
+    """Validate a modbus URL: (gateway, what it reads).  ValueError names the culprit."""
+    parts = split_url(url, SCHEMES, "Modbus", DEFAULT_PORT)
+    shown = parts.shown
+    if parts.userinfo is not None:
+        raise parts.error("Modbus has no credentials, remove the user part")
     if parts.fragment:
-        raise ValueError(f"{shown}: unexpected fragment '#{parts.fragment}'")
+        raise parts.error(f"unexpected fragment '#{parts.fragment}'")
     segments = parts.path.split("/")[1:]
     if len(segments) != 2 or not all(segments):
-        raise ValueError(f"{shown}: path must be /<unit>/<address>, got {parts.path!r}")
+        raise parts.error(f"path must be /<unit>/<address>, got {parts.path!r}")
     unit = _int_in(segments[0], 0, 255, "unit", shown)
     address = _int_in(segments[1], 0, 0xFFFF, "address", shown)
+    options, _ = read_options(parts, _OPTIONS)
 
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise ValueError(f"{shown}: query {parts.query!r} is not name=value&...") from None
-    options: dict[str, str] = {}
-    for name, value in pairs:
-        if name not in _OPTIONS:
-            raise ValueError(f"{shown}: unknown option {name!r} (known: {', '.join(_OPTIONS)})")
-        if name in options:
-            raise ValueError(f"{shown}: option {name!r} given more than once")
-        options[name] = value
-
-    kind = _KINDS.get(options.get("kind", "holding"))
-    if kind is None:
-        raise ValueError(f"{shown}: kind {options['kind']!r} is not one of {', '.join(_KINDS)}")
+    kind = _KINDS[options.get("kind", "holding")]
     if kind.bits:
         for name in ("type", "order"):
             if name in options:
-                raise ValueError(f"{shown}: option {name!r} does not apply to kind={kind.name}")
+                raise parts.error(f"option {name!r} does not apply to kind={kind.name}")
         decode: Decoder = _bit
         width = 1
     else:
-        code = _TYPES.get(options.get("type", "uint16"))
-        if code is None:
-            raise ValueError(f"{shown}: type {options['type']!r} is not one of "
-                             f"{', '.join(_TYPES)}")
-        swaps = _ORDERS.get(options.get("order", "ABCD").upper())
-        if swaps is None:
-            raise ValueError(f"{shown}: order {options['order']!r} is not one of "
-                             f"{', '.join(_ORDERS)}")
-        decode, width = _register_decoder(code, *swaps)
+        code = _TYPES[options.get("type", "uint16")]
+        decode, width = _register_decoder(code, *_ORDERS[options.get("order", "ABCD")])
     if address + width - 1 > 0xFFFF:
-        raise ValueError(f"{shown}: address {address} + {width} registers passes 65535")
-
-    scale = 1.0
-    if "scale" in options:
-        try:
-            scale = float(options["scale"])
-        except ValueError:
-            raise ValueError(f"{shown}: scale {options['scale']!r} is not a number") from None
-        if not math.isfinite(scale) or scale == 0:
-            raise ValueError(f"{shown}: scale {options['scale']!r} must be finite and non-zero")
-    max_span = kind.span_limit
-    if "max_span" in options:
-        max_span = _int_in(options["max_span"], width, kind.span_limit, "max_span", shown)
-    max_gap = kind.default_gap
-    if "max_gap" in options:
-        max_gap = _int_in(options["max_gap"], 0, kind.span_limit, "max_gap", shown)
-    return ((parts.hostname, port),
-            _Point(unit, kind, address, width, decode, scale, max_span, max_gap))
+        raise parts.error(f"address {address} + {width} registers passes 65535")
+    max_span = options.get("max_span", kind.span_limit)
+    if not width <= max_span <= kind.span_limit:
+        raise parts.error(f"max_span {max_span} out of range {width}..{kind.span_limit}")
+    max_gap = options.get("max_gap", kind.default_gap)
+    if max_gap > kind.span_limit:
+        raise parts.error(f"max_gap {max_gap} out of range 0..{kind.span_limit}")
+    return (Gateway(parts.host, parts.port),
+            _Point(unit, kind, address, width, decode, options.get("scale", 1.0), max_span,
+                   max_gap))
 
 
-def target_key(desc: MetricDescription) -> tuple[str, int]:
+def target_key(desc: MetricDescription) -> Gateway:
     """The gateway, (host, port): all units behind it share one connection."""
     return _parse(desc.url)[0]
 
@@ -337,12 +317,11 @@ class _Gateway:
     only, and a gateway that talks to a serial bus is never asked two things at once.
     """
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.host = host
-        self.port = port
+    def __init__(self, key: Gateway, timeout: float) -> None:
+        self.key = key
+        self.host, self.port = key
         self.timeout = timeout
-        self.label = f"modbus://{f'[{host}]' if ':' in host else host}:{port}"
-        self.users = 0
+        self.label = key.label
         self.silent_units: set[int] = set()
         self._lock = asyncio.Lock()
         self._client: AsyncModbusTcpClient | None = None
@@ -367,7 +346,7 @@ class _Gateway:
             client = self._client = AsyncModbusTcpClient(
                 self.host, port=self.port, timeout=self.timeout, retries=0, reconnect_delay=0)
         if not client.connected and not await client.connect():
-            raise ConnectionError(f"{self.label}: cannot connect (refused, unreachable or "
+            raise TargetUnreachable(f"{self.label}: cannot connect (refused, unreachable or "
                                   f"no answer within {self.timeout} s)")
         return client
 
@@ -377,7 +356,7 @@ class _Gateway:
             self._client = None
 
 
-_gateways: dict[tuple[str, int], _Gateway] = {}
+_gateways: SharedRegistry[Gateway, _Gateway] = SharedRegistry()
 
 
 class ModbusCollector:
@@ -399,7 +378,7 @@ class ModbusCollector:
 
     async def collect(self, metrics: Sequence[MetricDescription]) -> list[Reading]:
         if self._closed:
-            raise RuntimeError(f"{self._gateway.label}: collector is closed")
+            raise KwollectError(f"{self._gateway.label}: collector is closed")
         gateway = self._gateway
         readings: list[Reading] = []
         answers = 0
@@ -423,7 +402,7 @@ class ModbusCollector:
                     silent.append(unit)
                     gateway.silent_units.add(unit)
                     if not answers and len(silent) >= 2:
-                        raise TimeoutError(f"{gateway.label}: units {silent[0]} and {unit} "
+                        raise TargetTimeout(f"{gateway.label}: units {silent[0]} and {unit} "
                                            f"gave no answer within {gateway.timeout} s, and "
                                            "no unit did: gateway unresponsive") from exc
                     _faults.warning((gateway.label, unit, "silent"),
@@ -454,7 +433,7 @@ class ModbusCollector:
                     self._decode(block, response, timestamp_us, metrics, readings, unit)
                 i += 1
         if not answers and silent:
-            raise TimeoutError(f"{gateway.label}: unit {silent[0]} gave no answer within "
+            raise TargetTimeout(f"{gateway.label}: unit {silent[0]} gave no answer within "
                                f"{gateway.timeout} s")
         return readings
 
@@ -476,18 +455,12 @@ class ModbusCollector:
         if self._closed:
             return
         self._closed = True
-        gateway = self._gateway
-        gateway.users -= 1
-        if gateway.users <= 0:
-            gateway.close()
-            if _gateways.get((gateway.host, gateway.port)) is gateway:
-                del _gateways[(gateway.host, gateway.port)]
+        last = _gateways.release(self._gateway.key)
+        if last is not None:
+            last.close()
 
 
 def open_collector(key: tuple[str, int], timeout: float) -> ModbusCollector:
     """A collector for gateway `key`; the first one opened sets the gateway's timeout."""
-    gateway = _gateways.get(key)
-    if gateway is None:
-        gateway = _gateways[key] = _Gateway(key[0], key[1], timeout)
-    gateway.users += 1
-    return ModbusCollector(gateway)
+    gateway = Gateway(*key)
+    return ModbusCollector(_gateways.acquire(gateway, lambda: _Gateway(gateway, timeout)))

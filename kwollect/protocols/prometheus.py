@@ -60,8 +60,9 @@ from kwollect.protocols.http_common import (
     HttpClient,
     HttpTarget,
     http_target,
-    take_options,
+    read_http_url,
 )
+from kwollect.protocols.url import Option
 
 SCHEMES = ("prometheus", "prometheus+https")
 
@@ -175,24 +176,23 @@ def _names(desc: MetricDescription) -> frozenset[str] | None:
     return names
 
 
-def target_key(desc: MetricDescription) -> Hashable:
-    parts = urlsplit(desc.url)
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        raise ValueError(f"not a Prometheus URL scheme: {scheme!r}")
+def _path(text: str) -> str:
+    if text.startswith("/"):
+        return text
+    raise ValueError("must start with '/'")
+
+
+def target_key(desc: MetricDescription) -> HttpTarget:
+    parts, options, forwarded = read_http_url(desc.url, SCHEMES, "Prometheus",
+                                              (Option("path", _path),))
     if parts.fragment:
-        raise ValueError("unexpected #fragment in Prometheus URL")
-    options, forwarded = take_options(parts.query, ("path",))
-    path = options.get("path", "/metrics")
-    if not path.startswith("/"):
-        raise ValueError(f"path must start with '/', got {path!r}")
+        raise parts.error("unexpected #fragment in Prometheus URL")
     _names(desc)
-    return http_target(parts, scheme == "prometheus+https", path, options, forwarded)
+    return http_target(parts, parts.scheme == "prometheus+https",
+                       options.get("path", "/metrics"), options, forwarded)
 
 
-def open_collector(key: Hashable, timeout: float) -> PrometheusCollector:
-    if not isinstance(key, HttpTarget):
-        raise TypeError(f"not a Prometheus target key: {key!r}")
+def open_collector(key: HttpTarget, timeout: float) -> PrometheusCollector:
     return PrometheusCollector(key, timeout)
 
 

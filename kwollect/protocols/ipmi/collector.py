@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from kwollect.logutil import RateLimitedLog
 from kwollect.model import MetricDescription, Reading, make_reading, midpoint_us
 from kwollect.protocols.ipmi.output import Row
-from kwollect.protocols.ipmi.pool import HostResult, IpmiError, _acquire_pool, _release_pool
+from kwollect.protocols.ipmi.pool import HostResult, IpmiError, acquire_pool, release_pool
 from kwollect.protocols.ipmi.url import SensorRef, Target, parse_url
 
 RELIST_INTERVAL_S = 600.0
@@ -35,7 +35,7 @@ class IpmiCollector:
     def __init__(self, target: Target, timeout: float) -> None:
         self.target = target
         self.timeout = timeout
-        self._pool = _acquire_pool(target, timeout)
+        self._pool = acquire_pool(target, timeout)
         self._closed = False
         self._lock = asyncio.Lock()
         self._refs: dict[str, SensorRef] = {}
@@ -139,4 +139,4 @@ class IpmiCollector:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await _release_pool(self._pool)
+            await release_pool(self.target, self.timeout)

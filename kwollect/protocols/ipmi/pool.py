@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kwollect.errors import KwollectError, TargetTimeout
 from kwollect.protocols.ipmi.output import Row, parse_row
 from kwollect.protocols.ipmi.sdr_cache import SdrCache
 from kwollect.protocols.ipmi.url import Target
+from kwollect.protocols.sharing import SharedRegistry
 
 BATCH_WINDOW_S = 0.02
 """How long a poll waits for polls of other BMCs with the same credentials to share a process."""
@@ -27,7 +29,7 @@ MAX_HOSTS_PER_PROCESS = 64
 _TIMEOUT_WORDS = ("connection timeout", "session timeout")
 
 
-class IpmiError(RuntimeError):
+class IpmiError(KwollectError, RuntimeError):
     """A BMC could not be read (bad credentials, refused command, ipmi-sensors failure)."""
 
 
@@ -92,7 +94,6 @@ class _Pool:
         self._password = target.password
         self._options = target.options
         self._timeout = timeout
-        self.users = 0
         self._pending: dict[tuple[int, ...], dict[Target, list[asyncio.Future[HostResult]]]] = {}
         self._deadline = 0.0
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -207,7 +208,7 @@ class _Pool:
                         f"{detail}")))
         except TimeoutError:
             for host in hosts.values():
-                host.fail(TimeoutError(
+                host.fail(TargetTimeout(
                     f"IPMI BMC {host.target}: no complete answer within {self._timeout:g} s"))
         except IpmiError as exc:
             for host in hosts.values():
@@ -236,7 +237,7 @@ class _Pool:
     def _error(self, target: Target, text: str) -> Exception:
         message = self._scrub(f"IPMI BMC {target}: {text.removeprefix('ipmi-sensors: ')}")
         if any(word in text for word in _TIMEOUT_WORDS):
-            return TimeoutError(message)
+            return TargetTimeout(message)
         return IpmiError(message)
 
     def _scrub(self, text: str) -> str:
@@ -267,22 +268,19 @@ async def _pump(stream: asyncio.StreamReader | None, handle: Callable[[str], Non
             handle(line)
 
 
-_pools: dict[PoolKey, _Pool] = {}
+_pools: SharedRegistry[PoolKey, _Pool] = SharedRegistry()
 
 
-def _acquire_pool(target: Target, timeout: float) -> _Pool:
-    key = (target.user, target.password, target.options, timeout)
-    pool = _pools.get(key)
-    if pool is None:
-        pool = _pools[key] = _Pool(target, timeout)
-    pool.users += 1
-    return pool
+def pool_key(target: Target, timeout: float) -> PoolKey:
+    """BMCs with equal keys share a pool: the same credentials, options and timeout."""
+    return (target.user, target.password, target.options, timeout)
 
 
-async def _release_pool(pool: _Pool) -> None:
-    pool.users -= 1
-    if pool.users == 0:
-        for key, known in list(_pools.items()):
-            if known is pool:
-                del _pools[key]
-        await pool.close()
+def acquire_pool(target: Target, timeout: float) -> _Pool:
+    return _pools.acquire(pool_key(target, timeout), lambda: _Pool(target, timeout))
+
+
+async def release_pool(target: Target, timeout: float) -> None:
+    last = _pools.release(pool_key(target, timeout))
+    if last is not None:
+        await last.close()

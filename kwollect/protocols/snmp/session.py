@@ -17,6 +17,7 @@ from puresnmp.credentials import V3, Auth, Priv
 from puresnmp.pdu import EndOfMibView, NoSuchInstance, NoSuchObject
 from puresnmp.types import Opaque
 
+from kwollect.errors import KwollectError, TargetTimeout, TargetUnreachable
 from kwollect.model import midpoint_us
 from kwollect.protocols.snmp.codec import (
     END_OF_MIB_VIEW,
@@ -52,15 +53,15 @@ _V3_REDISCOVER_S = 60.0
 """puresnmp reuses the engine time of its discovery forever; agents reject it after 150 s."""
 
 
-class SnmpError(Exception):
+class SnmpError(KwollectError):
     """An SNMP exchange failed; the message names the target but never its secrets."""
 
 
-class SnmpTimeout(SnmpError, TimeoutError):
+class SnmpTimeout(SnmpError, TargetTimeout):
     """The agent did not answer within the timeout (agent down, or wrong community/user)."""
 
 
-class SnmpUnreachable(SnmpError, ConnectionError):
+class SnmpUnreachable(SnmpError, TargetUnreachable):
     """The agent's host said nothing listens on its port, or its name does not resolve."""
 
 

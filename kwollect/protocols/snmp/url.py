@@ -5,24 +5,36 @@ The URL forms are described in the package docstring and docs/protocols/snmp.md.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 from puresnmp import exc as puresnmp_exc
 from puresnmp.plugins import priv as puresnmp_priv
 
-from kwollect.protocols import redact_url
 from kwollect.protocols.snmp.codec import parse_oid
+from kwollect.protocols.url import (
+    Option,
+    Secret,
+    UrlParts,
+    choice,
+    integer,
+    number,
+    read_options,
+    redact_url,
+    split_url,
+)
 
 SCHEMES = ("snmp", "snmpv1", "snmpv3")
 
 _VERSIONS = {"snmpv1": 1, "snmp": 2, "snmpv3": 3}
 AUTH_METHODS = {"SHA": "sha1", "SHA1": "sha1", "MD5": "md5"}
 PRIV_METHODS = {"AES": "aes", "AES128": "aes", "DES": "des"}
-_OPTIONS = ("max_varbinds", "max_inflight", "resolve_every")
+_OPTIONS = (Option("max_varbinds", integer(1, 1000)), Option("max_inflight", integer(1, 64)),
+            Option("resolve_every", number(0)))
+_V3_OPTIONS = (*_OPTIONS, Option("auth", choice(AUTH_METHODS, upper=True)),
+               Option("priv", choice(PRIV_METHODS, upper=True)))
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
 _TEMPLATE_BODY = re.compile(r"\s*([0-9.]+)\s*==(.*)", re.S)
 _PLACEHOLDER = "__TEMPLATE__"
@@ -35,12 +47,12 @@ class SnmpTarget:
     version: int
     host: str
     port: int
-    community: str = field(default="", repr=False)
+    community: Secret = Secret("")
     user: str = ""
     auth: str = ""
-    auth_key: str = field(default="", repr=False)
+    auth_key: Secret = Secret("")
     priv: str = ""
-    priv_key: str = field(default="", repr=False)
+    priv_key: Secret = Secret("")
     max_varbinds: int = 50
     max_inflight: int = 4
     resolve_every: float = 300.0
@@ -70,47 +82,26 @@ class OidSpec:
 
 def safe_url(url: str) -> str:
     """The URL for messages: no community, no v3 key."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if not sep or "@" not in netloc:
-        return url
-    userinfo, _, hostport = netloc.rpartition("@")
-    if scheme.lower() == "snmpv3":
-        try:
-            return redact_url(url)
-        except ValueError:
-            return f"{scheme}://{userinfo.partition(':')[0]}:***@{hostport}{slash}{path}"
-    return f"{scheme}://***@{hostport}{slash}{path}"
+    return redact_url(url, secret_user=url.partition(":")[0].lower() != "snmpv3")
 
 
 def parse_url(url: str) -> tuple[SnmpTarget, OidSpec]:
     """Validate an SNMP metric URL; ValueError says what is wrong (without secrets)."""
-    shown = safe_url(url)
     template = _TEMPLATE.search(url)
     work = url if template is None else url[:template.start()] + _PLACEHOLDER + url[template.end():]
-    parts = urlsplit(work)
-    version = _VERSIONS.get(parts.scheme.lower())
-    if version is None:
-        raise ValueError(f"{shown}: scheme must be one of {', '.join(SCHEMES)}")
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    if not at or not userinfo:
+    parts = split_url(work, SCHEMES, "SNMP", 161, shown=safe_url(url))
+    version = _VERSIONS[parts.scheme]
+    if not parts.userinfo:
         form = "snmpv3://<user>[:<authkey>[:<privkey>]]@" if version == 3 else \
             f"{parts.scheme}://<community>@"
-        raise ValueError(f"{shown}: no credentials; the form is {form}<host>[:<port>]/<oid>")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"{shown}: no host")
-    try:
-        port = parts.port or 161
-    except ValueError:
-        raise ValueError(f"{shown}: the port is not a number in 1..65535") from None
-    options = _parse_options(parts.query, version, shown)
-    credentials = _parse_credentials(userinfo, version, options, shown)
-    target = SnmpTarget(version, host, port, **credentials, **options)
+        raise parts.error(f"no credentials; the form is {form}<host>[:<port>]/<oid>")
+    options, _ = read_options(parts, _V3_OPTIONS if version == 3 else _OPTIONS)
+    credentials = _parse_credentials(parts, version, options)
+    target = SnmpTarget(version, parts.host, parts.port, **credentials, **options)
     if template is None:
-        spec = OidSpec(_oid(parts.path[1:], shown))
+        spec = OidSpec(_oid(parts.path[1:], parts.shown))
     else:
-        spec = _parse_template(parts.path[1:], template.group(1), shown)
+        spec = _parse_template(parts.path[1:], template.group(1), parts.shown)
     return target, spec
 
 
@@ -136,49 +127,20 @@ def _parse_template(path: str, body: str, shown: str) -> OidSpec:
     return OidSpec(_oid(before[:-1], shown), _oid(inner.group(1), shown), wanted, suffix)
 
 
-def _parse_options(query: str, version: int, shown: str) -> dict[str, Any]:
-    allowed = (*_OPTIONS, "auth", "priv") if version == 3 else _OPTIONS
-    options: dict[str, Any] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name not in allowed:
-            raise ValueError(f"{shown}: unknown option {name!r} (known: {', '.join(allowed)})")
-        if name in options:
-            raise ValueError(f"{shown}: option {name!r} given twice")
-        options[name] = value
-    for name, low, high in (("max_varbinds", 1, 1000), ("max_inflight", 1, 64)):
-        if name in options:
-            raw = options[name]
-            if not raw.isdigit() or not low <= int(raw) <= high:
-                raise ValueError(f"{shown}: {name} must be an integer in {low}..{high}")
-            options[name] = int(raw)
-    if "resolve_every" in options:
-        try:
-            seconds = float(options["resolve_every"])
-        except ValueError:
-            seconds = -1.0
-        if not 0 <= seconds < math.inf:
-            raise ValueError(f"{shown}: resolve_every must be a number of seconds >= 0")
-        options["resolve_every"] = seconds
-    return options
-
-
-def _parse_credentials(userinfo: str, version: int, options: dict[str, Any],
-                       shown: str) -> dict[str, Any]:
+def _parse_credentials(parts: UrlParts, version: int, options: dict[str, Any]) -> dict[str, Any]:
+    shown = parts.shown
+    userinfo = parts.userinfo or ""
     if version != 3:
         if ":" in userinfo:
-            raise ValueError(f"{shown}: a community has no password part "
-                             "(percent-encode ':' as %3A if the community holds one)")
-        return {"community": unquote(userinfo)}
+            raise parts.error("a community has no password part "
+                              "(percent-encode ':' as %3A if the community holds one)")
+        return {"community": Secret(unquote(userinfo))}
     fields = [unquote(part) for part in userinfo.split(":")]
     if len(fields) > 3 or not fields[0]:
         raise ValueError(f"{shown}: SNMPv3 credentials read <user>[:<authkey>[:<privkey>]]")
     user, auth_key, priv_key = (*fields, "", "")[:3]
-    auth = options.pop("auth", "SHA" if auth_key else "").upper()
-    priv = options.pop("priv", "AES" if priv_key else "").upper()
-    if auth and auth not in AUTH_METHODS:
-        raise ValueError(f"{shown}: auth must be one of {', '.join(AUTH_METHODS)}")
-    if priv and priv not in PRIV_METHODS:
-        raise ValueError(f"{shown}: priv must be one of {', '.join(PRIV_METHODS)}")
+    auth = options.pop("auth", "SHA" if auth_key else "")
+    priv = options.pop("priv", "AES" if priv_key else "")
     if bool(auth) != bool(auth_key) or bool(priv) != bool(priv_key):
         raise ValueError(f"{shown}: auth/priv given without its key, or a key without a method")
     if priv_key and not auth_key:
@@ -191,5 +153,5 @@ def _parse_credentials(userinfo: str, version: int, options: dict[str, Any],
             puresnmp_priv.create(PRIV_METHODS[priv])
         except puresnmp_exc.SnmpError:
             raise ValueError(f"{shown}: priv={priv} needs the puresnmp-crypto package") from None
-    return {"user": user, "auth": auth, "auth_key": auth_key, "priv": priv,
-            "priv_key": priv_key}
+    return {"user": user, "auth": auth, "auth_key": Secret(auth_key), "priv": priv,
+            "priv_key": Secret(priv_key)}
