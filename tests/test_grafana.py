@@ -82,6 +82,11 @@ def by_series(rows: list[dict]) -> dict[str, list[tuple[datetime, float]]]:
     return out
 
 
+def numbers(points: list[tuple[datetime, float]]) -> list[float]:
+    """The values Grafana draws: NULL (a counter's first sample) and NaN are gaps."""
+    return [value for _, value in points if value is not None and not math.isnan(value)]
+
+
 def test_dashboard_json_carries_what_grafana_requires():
     assert DASHBOARD["uid"] == "kwollect" and DASHBOARD["title"]
     assert isinstance(DASHBOARD["schemaVersion"], int) and DASHBOARD["schemaVersion"] >= 36
@@ -147,7 +152,7 @@ async def test_counters_are_rates_and_labels_name_the_series(kwdb, grafana_data)
     got = by_series(await run(kwdb, query("$metric_id", "A"), v, end - timedelta(minutes=10),
                               end))
     assert sorted(got) == ['gf-1 {"port": "eth0"}', 'gf-1 {"port": "eth1"}']
-    rates = [value for _, value in got['gf-1 {"port": "eth0"}'] if value is not None and not math.isnan(value)]
+    rates = numbers(got['gf-1 {"port": "eth0"}'])
     assert rates and all(rate == pytest.approx(1000.0 / STEP_S) for rate in rates)
 
 
@@ -223,5 +228,5 @@ async def test_kwollect_1x_dashboard_query_shape_still_works(kwdb, grafana_data)
          "metric_id": Variable("net_bytes_total")}
     got = by_series(await run(kwdb, legacy, v, end - timedelta(minutes=10), end))
     assert sorted(got) == ['gf-1 {"port": "eth0"}', 'gf-1 {"port": "eth1"}']
-    rates = [value for _, value in got['gf-1 {"port": "eth0"}'] if value is not None and not math.isnan(value)]
+    rates = numbers(got['gf-1 {"port": "eth0"}'])
     assert rates and all(rate == pytest.approx(1000.0 / STEP_S) for rate in rates)
