@@ -1,4 +1,4 @@
-"""`kwollect`: the umbrella command (demo, maintain)."""
+"""`kwollect`: the umbrella command (demo, maintain, get, plot)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,16 @@ from kwollect.store.maintain import MAINTAIN_DEFAULTS, maintain
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="kwollect", description=__doc__)
-    parser.add_argument("command", choices=["demo", "maintain"])
+    parser.add_argument("command", choices=["demo", "maintain", "get", "plot"])
     args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "get":
+        from kwollect.client.get import main as get_main
+
+        return get_main(argv[1:])
+    if args.command == "plot":
+        from kwollect.client.plot import main as plot_main
+
+        return plot_main(argv[1:])
     if args.command == "demo":
         from kwollect.dev.demo import main as demo_main
 

@@ -30,8 +30,10 @@ BEGIN
                    'kwollect.summary_state, kwollect.summary_dirty, kwollect.settings, '
                    'kwollect.partitions, kwollect.jobmetrics_requests TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA kwollect TO %I, %I', writer, reader);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION api.get_metrics, api.available_metrics, '
-                   'api.get_job_metrics TO %I, %I', writer, reader);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION '
+                   'api.get_metrics(integer, text, text, text, text, text, boolean, text), '
+                   'api.get_metrics(integer, text, text, text, text, boolean, boolean), '
+                   'api.available_metrics, api.get_job_metrics TO %I, %I', writer, reader);
 
     -- Writing: samples (through the view, the API or binary COPY), series, promotion.
     EXECUTE format('GRANT INSERT ON public.metrics, kwollect.samples, kwollect.series, '

@@ -216,7 +216,7 @@ async def test_kwollect_1x_dashboard_query_shape_still_works(kwdb, grafana_data)
     legacy = """SELECT timestamp AS time, CONCAT(device_id, ' ', labels - '_metric_scrape_time')
                 AS metric, value
          FROM api.get_metrics(
-             job_id => (SELECT j::int FROM (VALUES ('$job_str')) s(j) WHERE j ~ '^[0-9]+$'),
+             job_id => nullif('$job_str', '')::int,
              devices => '${device_id:csv}', metrics => '$metric_id',
              start_time => to_timestamp($__unixEpochFrom())::text,
              end_time => to_timestamp($__unixEpochTo())::text,
@@ -230,3 +230,18 @@ async def test_kwollect_1x_dashboard_query_shape_still_works(kwdb, grafana_data)
     assert sorted(got) == ['gf-1 {"port": "eth0"}', 'gf-1 {"port": "eth1"}']
     rates = numbers(got['gf-1 {"port": "eth0"}'])
     assert rates and all(rate == pytest.approx(1000.0 / STEP_S) for rate in rates)
+
+
+async def test_the_1x_overload_leaves_http_calls_unambiguous(gateway, grafana_data):
+    """All seven arguments of the 1.x form sent over HTTP still reach the main function."""
+    import aiohttp
+
+    end = grafana_data["now"]
+    params = {"job_id": str(JOB), "devices": "gf-2", "metrics": "bmc_node_power_watt",
+              "start_time": str(int((end - timedelta(minutes=2)).timestamp())),
+              "end_time": str(int(end.timestamp())), "summary": "false", "as_rate": "false"}
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{gateway.url}/rpc/get_metrics", params=params) as response:
+        assert response.status == 200, await response.text()
+        rows = await response.json()
+    assert rows and {r["value"] for r in rows} == {200.0}

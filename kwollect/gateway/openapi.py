@@ -79,9 +79,9 @@ def _operation(fn: Function, method: str) -> dict[str, Any]:
 
 
 def describe(functions: list[Function], schema: str, version: str) -> dict[str, Any]:
-    """The document; overloads of one name share a path (GET for the stable ones)."""
+    """The document; overloads of one name share a path, described by the widest one."""
     paths: dict[str, dict[str, Any]] = {}
-    for fn in sorted(functions, key=lambda f: (f.name, f.body_param, len(f.params))):
+    for fn in sorted(functions, key=lambda f: (f.name, f.body_param, -len(f.params))):
         item = paths.setdefault(f"/rpc/{fn.name}", {})
         if fn.read_only and not fn.body_param and "get" not in item:
             item["get"] = _operation(fn, "get")
