@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from kwollect.gateway import config, openapi
+from kwollect.gateway import config, openapi, webui
 from kwollect.gateway.auth import Authenticator, Identity
 from kwollect.gateway.catalog import Call, Catalog, Shape, load_catalog, quote_ident
 from kwollect.gateway.errors import ApiError, from_postgres, unavailable
@@ -238,6 +238,7 @@ class Gateway:
         app.router.add_get("/", self.root, allow_head=False)
         app.router.add_get("/health", self.health, allow_head=False)
         app.router.add_route("*", "/rpc/{name}", self.rpc)
+        webui.add_routes(app)
         return app
 
     # -- middleware: errors and access log ----------------------------------------
