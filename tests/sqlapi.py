@@ -41,3 +41,16 @@ async def get_metrics(conn: asyncpg.Connection, **params) -> list[dict]:
 
 def iso(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+async def load_job(kwdb, rows: list[tuple], job_id: int, nodes: list[str], start: datetime,
+                   stop: datetime | None = None) -> None:
+    """Rows into metrics, and a job on `nodes` from start to stop (None: still running),
+    as the writer role would store them."""
+    writer = await kwdb.connect("kwuser")
+    try:
+        await load(writer, rows)
+        await writer.executemany("INSERT INTO nodetime_per_job VALUES ($1, $2, $3, $4)",
+                                 [(job_id, start, stop, node) for node in nodes])
+    finally:
+        await writer.close()

@@ -13,7 +13,7 @@ import pytest
 
 from kwollect.client import ApiCallError, Client
 from kwollect.client.get import Progress
-from tests.sqlapi import load, series
+from tests.sqlapi import load_job, series
 
 T0 = datetime(2024, 3, 4, 10, 0, tzinfo=UTC)
 JOB = 9201
@@ -31,11 +31,7 @@ async def client_data(kwdb):
                    value=lambda i: 199.0 + 2 * (i % 2))
     rows += series("cl-1", "net_bytes_total", T0, COUNT, 10, value=lambda i: 50.0 * i,
                    labels={"port": "eth0"})
-    writer = await kwdb.connect("kwuser")
-    await load(writer, rows)
-    await writer.execute("INSERT INTO nodetime_per_job VALUES ($1, $2, $3, 'cl-1'), "
-                         "($1, $2, $3, 'cl-2')", JOB, T0, T0 + timedelta(seconds=10 * (COUNT - 1)))
-    await writer.close()
+    await load_job(kwdb, rows, JOB, ["cl-1", "cl-2"], T0, T0 + timedelta(seconds=10 * (COUNT - 1)))
 
 
 def kwollect(*args: str, url: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.grafana_interpolate import Variable, interpolate, template
-from tests.sqlapi import load, series
+from tests.sqlapi import load_job, series
 
 GRAFANA = Path(__file__).parent.parent / "grafana"
 DASHBOARD = json.loads((GRAFANA / "kwollect_dashboard.json").read_text())
@@ -49,11 +49,7 @@ async def grafana_data(kwdb):
         rows += series("gf-1", "net_bytes_total", start, count, STEP_S,
                        value=lambda i: 1000.0 * i, labels={"port": port})
     rows += series("gf-3", "bmc_node_power_watt", start, count, STEP_S, value=lambda i: 50.0)
-    writer = await kwdb.connect("kwuser")
-    await load(writer, rows)
-    await writer.execute("INSERT INTO nodetime_per_job VALUES ($1, $2, NULL, 'gf-1'), "
-                         "($1, $2, NULL, 'gf-2')", JOB, start)
-    await writer.close()
+    await load_job(kwdb, rows, JOB, ["gf-1", "gf-2"], start)
     admin = await kwdb.connect("admin")
     await admin.execute("SELECT kwollect.maintain()")
     await admin.close()

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.sqlapi import load, series
+from tests.sqlapi import load, load_job, series
 
 JOB = 9301
 STEP_S = 5
@@ -33,11 +33,7 @@ async def ui_data(kwdb):
     rows += series("ui-2", "bmc_node_power_watt", start, count, STEP_S,
                    value=lambda i: 150.0 + 10 * (i % 2))
     rows += series("ui-1", "temp_celsius", start, count, STEP_S, value=lambda i: 40.0)
-    writer = await kwdb.connect("kwuser")
-    await load(writer, rows)
-    await writer.execute("INSERT INTO nodetime_per_job VALUES ($1, $2, NULL, 'ui-1'), "
-                         "($1, $2, NULL, 'ui-2')", JOB, start)
-    await writer.close()
+    await load_job(kwdb, rows, JOB, ["ui-1", "ui-2"], start)
     return {"start": start, "count": count}
 
 
