@@ -357,10 +357,13 @@ COMMENT ON FUNCTION api.get_metrics(integer, text, text, text, text, text, boole
     'summary=true: 5-minute summaries. as_rate=true|auto: per-second rate of counters.';
 
 -- Devices and metrics with data in the minute before `at` (for Grafana's variables).
--- params: {"devices": [...]} and/or {"job_id": "1234"}.
+-- params: {"devices": [...]} and/or {"job_id": "1234"} (the reference's form), or the plain
+-- parameters devices (comma-separated, as get_metrics takes them) and job_id.
 DROP FUNCTION IF EXISTS api.available_metrics(timestamptz, jsonb);
 CREATE OR REPLACE FUNCTION api.available_metrics(at timestamptz DEFAULT now(),
-                                                 params jsonb DEFAULT '{}')
+                                                 params jsonb DEFAULT '{}',
+                                                 devices text DEFAULT NULL,
+                                                 job_id integer DEFAULT NULL)
 RETURNS TABLE (device_id text, metric_id text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -368,6 +371,14 @@ DECLARE
     job integer;
 BEGIN
     params := coalesce(params, '{}');
+    IF devices IS NOT NULL THEN
+        params := params || jsonb_build_object('devices', to_jsonb(ARRAY(
+            SELECT split_part(trim(d), '.', 1) FROM unnest(string_to_array(devices, ',')) d
+            WHERE trim(d) <> '')));
+    END IF;
+    IF available_metrics.job_id IS NOT NULL THEN
+        params := params || jsonb_build_object('job_id', available_metrics.job_id::text);
+    END IF;
     IF params ? 'devices' THEN
         IF jsonb_typeof(params -> 'devices') <> 'array' THEN
             RAISE EXCEPTION 'Cannot parse params->devices, should be JSON array'

@@ -33,7 +33,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
                    'api.get_metrics(integer, text, text, text, text, text, boolean, text), '
                    'api.get_metrics(integer, text, text, text, text, boolean, boolean), '
-                   'api.available_metrics, api.get_job_metrics TO %I, %I', writer, reader);
+                   'api.available_metrics, api.get_job_metrics, api.unknown_ids TO %I, %I',
+                   writer, reader);
 
     -- Writing: samples (through the view, the API or binary COPY), series, promotion.
     EXECUTE format('GRANT INSERT ON public.metrics, kwollect.samples, kwollect.series, '

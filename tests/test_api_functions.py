@@ -172,3 +172,14 @@ async def test_site_replaces_nodetime_by_job(admin, writer, reader):
     rows = await get_metrics(reader, job_id=555)
     assert [r["value"] for r in rows] == [2.0, 3.0, 4.0]
     assert iso(rows[0]["timestamp"]) == iso(start + timedelta(minutes=2))
+
+
+async def test_available_metrics_takes_plain_parameters(reader, recent):
+    """?devices=...&job_id=... as get_metrics takes them, beside the reference's params JSON."""
+    rows = await reader.fetch(
+        "SELECT * FROM api.available_metrics(devices => 'av-10, av-node.site')")
+    assert [(r["device_id"], r["metric_id"]) for r in rows] == [
+        ("av-10", "a_metric"), ("av-10", "b_metric"), ("av-node", "w")]
+    rows = await reader.fetch("SELECT * FROM api.available_metrics(job_id => 8001)")
+    assert [(r["device_id"], r["metric_id"]) for r in rows] == [
+        ("av-2", "a_metric"), ("av-2", "b_metric")]

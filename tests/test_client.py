@@ -114,6 +114,11 @@ def test_kwollect_get_to_stdout_and_errors(gateway, client_data):
     done = kwollect("get", "--job", "987654", url=gateway.url)
     assert done.returncode == 1
     assert "HTTP 404" in done.stderr and "987654" in done.stderr and "Traceback" not in done.stderr
+    done = kwollect("get", "--devices", "cl-1,cl-typo", "--metrics", "bmc_node_power_wat",
+                    "--start", WINDOW["start_time"], url=gateway.url)
+    assert done.returncode == 0
+    assert done.stdout.strip() == "timestamp,device_id,metric_id,value,labels"
+    assert "never stored: device cl-typo, metric bmc_node_power_wat" in done.stderr
     done = kwollect("get", url=gateway.url)
     assert done.returncode != 0 and "--job or --devices" in done.stderr
 

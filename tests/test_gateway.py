@@ -221,18 +221,19 @@ async def test_available_metrics_get_and_post(gateway, http, data):
 
 # -- formats ---------------------------------------------------------------------------------
 
-async def test_csv_has_a_header_and_postgresql_text(gateway, http, data, utc):
+async def test_csv_has_a_header_and_iso_timestamps(gateway, http, data, utc):
     status, headers, body = await fetch(http, gateway, f"/rpc/get_metrics?devices=gw-2&{WINDOW}",
                                         headers={"Accept": "text/csv"})
     assert status == 200 and headers["Content-Type"] == "text/csv; charset=utf-8"
     table = list(csv.reader(io.StringIO(body.decode())))
     assert table[0] == ["timestamp", "device_id", "metric_id", "value", "labels"]
-    expected = await utc.fetch("SELECT timestamp::text, device_id, metric_id, value::text, "
+    expected = await utc.fetch("SELECT to_json(timestamp) #>> '{}', device_id, metric_id, "
+                               "value::text, "
                                "labels::text FROM api.get_metrics(devices => 'gw-2', "
                                "start_time => '2020-01-06T13:35:00', "
                                "end_time => '2020-01-06T14:35:00')")
     assert table[1:] == [list(r) for r in expected]
-    assert table[1][0] == "2020-01-06 13:35:00+00"
+    assert table[1][0] == "2020-01-06T13:35:00+00:00"   # as in JSON, not PostgreSQL's text
 
 
 async def test_ndjson_one_object_per_line(gateway, http, data):
@@ -278,8 +279,12 @@ async def test_values_of_every_type_are_written_like_postgresql(gateway, http, u
     _, _, bulk = await fetch(http, gateway, "/rpc/values_table?ids=%7B1,4,5%7D",
                              headers=TEST_PROFILE)
     assert bulk == as_array([expected[0], expected[3], expected[4]])
+    # CSV: PostgreSQL's text, but timestamps in the ISO 8601 form of the JSON output
     sink = io.BytesIO()
-    await utc.copy_from_query(query, output=sink, format="csv", header=True)
+    await utc.copy_from_query("SELECT i, big, f, n, b, t, to_json(ts) #>> '{}' AS ts, "
+                              "to_json(tsn) #>> '{}' AS tsn, d, j, jb, arr, u, iv "
+                              "FROM gw_test.values_table()", output=sink, format="csv",
+                              header=True)
     _, _, csv_body = await fetch(http, gateway, "/rpc/values_table",
                                  headers={**TEST_PROFILE, "Accept": "text/csv"})
     assert csv_body == sink.getvalue()
@@ -635,3 +640,18 @@ async def test_bad_connection_settings_fail_cleanly(tmp_path):
         *gateway_command(), str(conf), stderr=asyncio.subprocess.PIPE)
     _, stderr = await process.communicate()
     assert process.returncode == 2 and b"at least 32 characters" in stderr
+
+
+async def test_csv_of_a_json_object_is_a_key_value_table(gateway, http, data):
+    """get_job_metrics as CSV: one row per (dotted) key, not one cell holding the object."""
+    status, _, body = await fetch(http, gateway, "/rpc/greeting?name=x",
+                                  headers={**TEST_PROFILE, "Accept": "text/csv"})
+    assert status == 200 and body.decode().splitlines() == ["greeting", "hello x"]
+    status, _, body = await fetch(http, gateway, "/rpc/whoami?tag=a",
+                                  headers={**TEST_PROFILE, "Accept": "text/csv"})
+    assert status == 200
+    table = list(csv.reader(io.StringIO(body.decode())))
+    assert table[0] == ["key", "value"]
+    cells = dict(table[1:])
+    assert cells["tag"] == "a" and cells["method"] == "GET"
+    assert cells["headers.accept"] == "text/csv"

@@ -26,7 +26,6 @@ import orjson
 from kwollect.errors import KwollectError
 
 FORMATS = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": "text/csv"}
-UNKNOWN_IDS_HEADER = "Kwollect-Unknown-Ids"
 
 
 class ApiCallError(KwollectError):
@@ -127,16 +126,16 @@ class Client:
                           job_id: int | None = None, at: datetime | None = None
                           ) -> list[tuple[str, str]]:
         """(device_id, metric_id) pairs with data in the minute before `at` (default now)."""
-        params: dict[str, Any] = {}
-        if devices is not None:
-            params["devices"] = list(devices)
-        if job_id is not None:
-            params["job_id"] = str(job_id)
-        query: dict[str, Any] = {"params": orjson.dumps(params).decode()}
-        if at is not None:
-            query["at"] = at
+        query = {"devices": list(devices) if devices is not None else None,
+                 "job_id": job_id, "at": at}
         return [(r["device_id"], r["metric_id"])
                 for r in self.rows("available_metrics", **query)]
+
+    def unknown_ids(self, devices: Iterable[str] | str | None = None,
+                    metrics: Iterable[str] | str | None = None) -> list[tuple[str, str]]:
+        """(kind, id) of the named devices and metrics under which nothing was ever stored."""
+        return [(r["kind"], r["id"])
+                for r in self.rows("unknown_ids", devices=devices, metrics=metrics)]
 
     def insert_metrics(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Insert samples (device_id, metric_id, value, optional timestamp and labels);

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from kwollect.client.api import UNKNOWN_IDS_HEADER, ApiCallError, Client
+from kwollect.client.api import ApiCallError, Client
 
 CHUNK = 1 << 16
 ROW_MARK = {"csv": b"\n", "ndjson": b"\n", "json": b'{"timestamp"'}
@@ -82,9 +82,6 @@ def export(client: Client, params: dict[str, object], fmt: str, out: IO[bytes],
     mark = ROW_MARK[fmt]
     rows = 0
     with client.open("get_metrics", params, fmt) as response:
-        unknown = response.headers.get(UNKNOWN_IDS_HEADER) if hasattr(response, "headers") else None
-        if unknown:
-            print(f"kwollect get: no such device or metric: {unknown}", file=sys.stderr)
         tail = b""
         while chunk := response.read(CHUNK):
             out.write(chunk)
@@ -131,5 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kwollect get: {exc}", file=sys.stderr)
         return 1
     if rows == 0:
-        print("kwollect get: no rows for this selection", file=sys.stderr)
+        explain_empty(client, params)
     return 0
+
+
+def explain_empty(client: Client, params: dict[str, object]) -> None:
+    """An empty answer: say which named ids were never stored, if any (typos)."""
+    unknown = client.unknown_ids(params.get("devices"), params.get("metrics"))  # type: ignore[arg-type]
+    if unknown:
+        names = ", ".join(f"{kind} {ident}" for kind, ident in unknown)
+        print(f"kwollect get: no rows; never stored: {names}", file=sys.stderr)
+    else:
+        print("kwollect get: no rows for this selection (window, job or summary lag)",
+              file=sys.stderr)

@@ -208,6 +208,14 @@ def start_collectors(base: Path, cluster: PrivateCluster, processes: Processes) 
         "spool_dir": str(base / "spool"), "self_device_id": "kwollector-demo",
         "self_metrics_every_s": 5, "log_level": "warning"}))
     processes.start("kwollector", [sys.executable, "-m", "kwollect.collect.kwollector", str(conf)])
+    # maintenance every 30 s, as the systemd timer does every minute: summaries of what the
+    # demo collects appear while it runs (summary=true answers for buckets older than the
+    # summary lag, summary_lag_seconds, 60 s by default)
+    maintain_conf = base / "maintain.yaml"
+    maintain_conf.write_text(yaml.safe_dump({**db_options(cluster, password_file),
+                                             "every_seconds": 30, "log_level": "warning"}))
+    processes.start("kwollect-maintain",
+                    [sys.executable, "-m", "kwollect.cli", "maintain", str(maintain_conf)])
     mapping = base / "wattmetre-mapping.yaml"
     write_wattmetre_mapping(mapping)
     wconf = base / "kwollector-wattmetre.yaml"

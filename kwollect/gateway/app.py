@@ -439,7 +439,7 @@ class Gateway:
                         status = None
                     elif fmt is Format.CSV:
                         status = await conn.copy_from_query(
-                            call.query(as_json=False), output=sink, format="csv", header=True)
+                            call.query_csv(), output=sink, format="csv", header=True)
                     else:
                         status = await conn.copy_from_query(
                             call.query(as_json=True), output=sink, format="csv",

@@ -216,6 +216,41 @@ class Call:
         # Identifiers come from pg_catalog and are quoted; values are bound settings.
         return f"SELECT {', '.join(select)} FROM {target} AS t({aliases})"  # noqa: S608
 
+    def query_csv(self) -> str:
+        """The SELECT for text/csv: what a spreadsheet can read.
+
+        Timestamps come in the ISO 8601 form of the JSON output ("2020-12-31T22:00:00+00:00",
+        not PostgreSQL's "2020-12-31 22:00:00+00"), and a function returning one JSON object
+        (get_job_metrics) becomes a key,value table, nested keys joined by dots
+        ("node_energy_watthour.node-1"), instead of one cell holding the whole object.
+        """
+        fn = self.function
+        target = f"{quote_ident(fn.schema)}.{quote_ident(fn.name)}({self._argument_sql()})"
+        if fn.shape is Shape.SCALAR and fn.columns and fn.columns[0].type.is_json:
+            return JSON_TABLE_SQL.format(target=target)
+        if fn.record_call or not fn.columns:
+            return self.query(as_json=False)
+        aliases = ", ".join(quote_ident(c.name) for c in fn.columns)
+        select = []
+        for column in fn.columns:
+            ref = f"t.{quote_ident(column.name)}"
+            iso = column.type.codec in (Codec.TIMESTAMPTZ, Codec.TIMESTAMP)
+            select.append(f"to_json({ref}) #>> '{{}}' AS {quote_ident(column.name)}"
+                          if iso else ref)
+        return f"SELECT {', '.join(select)} FROM {target} AS t({aliases})"  # noqa: S608
+
+
+# One JSON object as (key, value) rows; nested objects flattened with dotted keys.
+JSON_TABLE_SQL = """WITH RECURSIVE doc(v) AS (SELECT to_jsonb({target})),
+kv(key, value) AS (
+    SELECT e.key, e.value
+    FROM doc, jsonb_each(CASE WHEN jsonb_typeof(doc.v) = 'object' THEN doc.v
+                              ELSE jsonb_build_object('value', doc.v) END) e
+    UNION ALL
+    SELECT kv.key || '.' || e.key, e.value FROM kv, jsonb_each(kv.value) e
+    WHERE jsonb_typeof(kv.value) = 'object')
+SELECT key, value #>> '{{}}' AS value FROM kv WHERE jsonb_typeof(value) <> 'object' ORDER BY key"""
+
 
 def _arguments_text(function: Function, values: Mapping[str, list[str]]) -> list[Argument]:
     """Query-string (or form) values: text cast by PostgreSQL; repeated names make arrays."""
