@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(postgresql postgresql-contrib snmpd snmp openipmi freeipmi-tools ipmitool
               prometheus-node-exporter)
-APT_PACKAGES+=(chromium chromium-driver)   # the web view's test drives a real headless browser
+APT_PACKAGES+=(chromium chromium-driver curl)   # the web view's browser test; the guides' curl commands
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
