@@ -139,3 +139,23 @@ async def test_reload_keeps_unchanged_groups_running(snmp_agent):
         assert {r.metric_id for r in readings} == {"a", "c"}
     finally:
         await scheduler.close()
+
+
+async def test_a_target_keeps_its_collector_while_a_group_reads_it(snmp_agent):
+    """A reload that changes a target's group keeps its collector (and socket) open; the
+    collector is closed once no group reads the target any more."""
+    readings: list[Reading] = []
+    scheduler = Scheduler(readings.extend, Promotions(), timeout_s=2.0)
+    try:
+        scheduler.apply([desc(snmp_agent.url(OIDS[0]), "a", 300)])
+        (target,) = scheduler._targets.values()
+        assert scheduler.apply([desc(snmp_agent.url(OIDS[1]), "b", 300)]) == (1, 0, 1)
+        (kept,) = scheduler._targets.values()
+        assert kept is target
+        readings.clear()
+        await asyncio.sleep(0.8)
+        assert {r.metric_id for r in readings} == {"b"}
+        assert scheduler.apply([]) == (0, 0, 1)
+        assert scheduler._targets == {}
+    finally:
+        await scheduler.close()

@@ -128,7 +128,6 @@ def _parse_template(path: str, body: str, shown: str) -> OidSpec:
 
 
 def _parse_credentials(parts: UrlParts, version: int, options: dict[str, Any]) -> dict[str, Any]:
-    shown = parts.shown
     userinfo = parts.userinfo or ""
     if version != 3:
         if ":" in userinfo:
@@ -137,21 +136,21 @@ def _parse_credentials(parts: UrlParts, version: int, options: dict[str, Any]) -
         return {"community": Secret(unquote(userinfo))}
     fields = [unquote(part) for part in userinfo.split(":")]
     if len(fields) > 3 or not fields[0]:
-        raise ValueError(f"{shown}: SNMPv3 credentials read <user>[:<authkey>[:<privkey>]]")
+        raise parts.error("SNMPv3 credentials read <user>[:<authkey>[:<privkey>]]")
     user, auth_key, priv_key = (*fields, "", "")[:3]
     auth = options.pop("auth", "SHA" if auth_key else "")
     priv = options.pop("priv", "AES" if priv_key else "")
     if bool(auth) != bool(auth_key) or bool(priv) != bool(priv_key):
-        raise ValueError(f"{shown}: auth/priv given without its key, or a key without a method")
+        raise parts.error("auth/priv given without its key, or a key without a method")
     if priv_key and not auth_key:
-        raise ValueError(f"{shown}: privacy needs authentication (an auth key)")
+        raise parts.error("privacy needs authentication (an auth key)")
     for name, key in (("auth", auth_key), ("priv", priv_key)):
         if key and len(key) < 8:
-            raise ValueError(f"{shown}: the {name} key must have at least 8 characters")
+            raise parts.error(f"the {name} key must have at least 8 characters")
     if priv:
         try:
             puresnmp_priv.create(PRIV_METHODS[priv])
         except puresnmp_exc.SnmpError:
-            raise ValueError(f"{shown}: priv={priv} needs the puresnmp-crypto package") from None
+            raise parts.error(f"priv={priv} needs the puresnmp-crypto package") from None
     return {"user": user, "auth": auth, "auth_key": Secret(auth_key), "priv": priv,
             "priv_key": Secret(priv_key)}
