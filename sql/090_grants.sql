@@ -40,6 +40,8 @@ BEGIN
     EXECUTE format('GRANT INSERT ON public.metrics, kwollect.samples, kwollect.series, '
                    'kwollect.summary_dirty, kwollect.written_batches TO %I', writer);
     EXECUTE format('GRANT SELECT ON kwollect.written_batches TO %I', writer);
+    -- INSERT and COPY into public.metrics park rows in a per-session temporary table.
+    EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO %I', current_database(), writer);
     EXECUTE format('GRANT INSERT, UPDATE, DELETE ON public.promoted_metrics, '
                    'public.nodetime_per_job TO %I', writer);
     EXECUTE format('GRANT EXECUTE ON FUNCTION api.insert_metrics(text, text, text, double precision, jsonb), '
