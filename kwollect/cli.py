@@ -1,4 +1,4 @@
-"""`kwollect`: the umbrella command (demo, maintain, get, plot)."""
+"""`kwollect`: the umbrella command (demo, maintain, migrate, get, plot)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kwollect.store.maintain import MAINTAIN_DEFAULTS, maintain
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="kwollect", description=__doc__)
-    parser.add_argument("command", choices=["demo", "maintain", "get", "plot"])
+    parser.add_argument("command", choices=["demo", "maintain", "migrate", "get", "plot"])
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "get":
         from kwollect.client.get import main as get_main
@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kwollect.dev.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if args.command == "migrate":
+        from kwollect.migrate.command import main as migrate_main
+
+        return migrate_main(argv[1:])
     conf = tool_options("kwollect maintain", MAINTAIN_DEFAULTS, argv[1:] + rest)
     if conf is None:
         return 2

@@ -40,6 +40,7 @@ BEGIN
     EXECUTE format('GRANT INSERT ON public.metrics, kwollect.samples, kwollect.series, '
                    'kwollect.summary_dirty, kwollect.written_batches TO %I', writer);
     EXECUTE format('GRANT SELECT ON kwollect.written_batches TO %I', writer);
+    EXECUTE format('GRANT SELECT, INSERT ON kwollect.migrated_ranges TO %I', writer);
     -- INSERT and COPY into public.metrics park rows in a per-session temporary table.
     EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO %I', current_database(), writer);
     EXECUTE format('GRANT INSERT, UPDATE, DELETE ON public.promoted_metrics, '

@@ -1,0 +1,132 @@
+"""The Kwollect 1.x source database, read only through its own SQL relations.
+
+`public.metrics` is read with plain SELECTs, so a TimescaleDB source decompresses its
+compressed chunks itself; nothing here depends on how the source stores them.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from kwollect.errors import KwollectError
+
+
+class SourceError(KwollectError):
+    """The source cannot be read as a Kwollect 1.x database; the message says why."""
+
+
+# Distinct rows of one time range, mapped to the target's series ids, as binary COPY rows of
+# (timestamp, value, series_id): exactly what kwollect.samples takes, so the stream goes
+# from the source to the target without being decoded.  Sorted by series, then time, so the
+# target's pages hold each series' samples together.
+RANGE_COPY = """
+SELECT DISTINCT m."timestamp", m.value, map.sid
+FROM public.metrics m
+JOIN unnest($1::text[], $2::text[], $3::jsonb[], $4::integer[]) AS map(device, metric, labels, sid)
+  ON m.device_id = map.device AND m.metric_id = map.metric
+ AND coalesce(m.labels, '{}') = map.labels
+WHERE m."timestamp" >= $5 AND m."timestamp" < $6
+ORDER BY map.sid, m."timestamp"
+"""
+
+RANGE_SERIES = """
+SELECT device_id, metric_id, coalesce(labels, '{}')::text AS labels, count(*) AS n
+FROM public.metrics
+WHERE "timestamp" >= $1 AND "timestamp" < $2
+GROUP BY 1, 2, 3
+"""
+
+# Per series and day, over the source's distinct rows (duplicates are kept once).
+DAY_SUMMARY = """
+SELECT device_id, metric_id, labels::text AS labels, count(*) AS n, count(value) AS valued,
+       sum(value) FILTER (WHERE value NOT IN ('NaN', 'Infinity', '-Infinity')) AS total,
+       count(*) FILTER (WHERE value = 'NaN') AS nan,
+       count(*) FILTER (WHERE value IN ('Infinity', '-Infinity')) AS inf
+FROM (SELECT DISTINCT "timestamp", device_id, metric_id, coalesce(labels, '{}') AS labels, value
+      FROM public.metrics WHERE "timestamp" >= $1 AND "timestamp" < $2) d
+GROUP BY 1, 2, 3
+"""
+
+
+def check_url(url: str) -> None:
+    """The source URL must not carry a password: argv is readable by every local user."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise SourceError(f"--from must be a postgresql:// URL, got scheme {parts.scheme!r}")
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise SourceError("--from must not contain a password (the command line is visible to "
+                          "every local user): use --from_password_file FILE, PGPASSWORD or "
+                          "~/.pgpass")
+
+
+async def connect(url: str, password: str | None) -> asyncpg.Connection:
+    check_url(url)
+    try:
+        conn = await asyncpg.connect(url, password=password or None)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise SourceError(f"cannot connect to the source: {exc}") from exc
+    # The reference sets statement_timeout (1 h on the database, 5 min on its user): a range
+    # may take longer to read.
+    await conn.execute("SET statement_timeout = 0; SET work_mem = '128MB'; "
+                       "SET idle_in_transaction_session_timeout = 0")
+    return conn
+
+
+def read_password_file(path: str) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise SourceError(f"from_password_file: cannot read {path}: {exc.strerror}") from exc
+
+
+async def describe(conn: asyncpg.Connection, url: str) -> str:
+    """A name for the source that does not depend on how its URL is spelled."""
+    columns = await conn.fetch(
+        "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute "
+        "WHERE attrelid = to_regclass('public.metrics') AND attnum > 0 AND NOT attisdropped")
+    got = {r["attname"]: r["type"] for r in columns}
+    wanted = {"timestamp": "timestamp with time zone", "device_id": "text", "metric_id": "text",
+              "value": "double precision", "labels": "jsonb"}
+    if any(got.get(name) != kind for name, kind in wanted.items()):
+        raise SourceError(f"the source has no Kwollect 1.x metrics relation (public.metrics "
+                          f"with {', '.join(wanted)}): found {got or 'nothing'}")
+    try:
+        system = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
+    except asyncpg.PostgresError:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        host = parts.hostname or query.get("host", [os.environ.get("PGHOST", "")])[0]
+        system = f"{host}:{parts.port or query.get('port', [''])[0]}"
+    return f"{system}/{await conn.fetchval('SELECT current_database()')}"
+
+
+async def next_timestamp(conn: asyncpg.Connection, after: datetime | None) -> datetime | None:
+    """The first timestamp at or after `after` (index scan on the reference's indexes)."""
+    if after is None:
+        return await conn.fetchval('SELECT min("timestamp") FROM public.metrics')
+    return await conn.fetchval(
+        'SELECT min("timestamp") FROM public.metrics WHERE "timestamp" >= $1', after)
+
+
+async def last_timestamp(conn: asyncpg.Connection) -> datetime | None:
+    return await conn.fetchval('SELECT max("timestamp") FROM public.metrics')
+
+
+async def null_timestamps(conn: asyncpg.Connection) -> int:
+    """Rows a plain-PostgreSQL source may hold without a timestamp (they cannot be placed)."""
+    return await conn.fetchval('SELECT count(*) FROM public.metrics WHERE "timestamp" IS NULL')
+
+
+async def relation_kind(conn: asyncpg.Connection, name: str) -> str | None:
+    """'table', 'view' (or other), or None when the relation does not exist."""
+    kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+                               name)
+    return {"r": "table", "p": "table", "v": "view", "m": "materialized view",
+            "f": "foreign table"}.get(kind, kind)
