@@ -73,7 +73,7 @@ async def compare(source: asyncpg.Connection, target: asyncpg.Connection,
         last = min(last, until)
     differences = []
     compared = 0
-    cursor = first
+    cursor: datetime | None = first
     while cursor is not None and cursor <= last:
         day = cell_of(cursor, DAY)
         upper = min(day + DAY, until) if until is not None else day + DAY
