@@ -39,6 +39,9 @@ BEGIN
             "timestamp" timestamptz, device_id text, metric_id text,
             value double precision, labels jsonb
         ) ON COMMIT DELETE ROWS;
+        -- The session's other roles (SET ROLE) may write into the view too; the table is
+        -- private to this session whatever its privileges.
+        GRANT SELECT, INSERT ON pg_temp.kwollect_metrics_inbox TO PUBLIC;
     END IF;
     RETURN NULL;
 END $$;

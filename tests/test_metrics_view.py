@@ -118,3 +118,16 @@ async def test_reader_cannot_write_through_the_view(reader):
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await reader.copy_records_to_table("metrics", columns=COLUMNS, records=[
             (datetime(2018, 1, 1, tzinfo=UTC), "mv-ro", "m", 1.0, "{}")])
+
+
+async def test_roles_switched_in_one_session_share_its_inbox(admin):
+    """A gateway-like session that writes as one role, then SET ROLE another."""
+    await admin.execute("INSERT INTO metrics VALUES ('2018-06-01 00:00:00+00', 'mv-role', 'm', "
+                        "1, '{}')")
+    await admin.execute("SET ROLE kwuser")
+    try:
+        await admin.execute("INSERT INTO metrics VALUES ('2018-06-01 00:00:01+00', 'mv-role', "
+                            "'m', 2, '{}')")
+    finally:
+        await admin.execute("RESET ROLE")
+    assert await admin.fetchval("SELECT count(*) FROM metrics WHERE device_id = 'mv-role'") == 2

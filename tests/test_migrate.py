@@ -25,12 +25,14 @@ from tests.fixtures.kwdb import WRITER_PASSWORD, setup_conf
 
 ROOT = Path(__file__).parent.parent
 TARGET_DB = "kwmig"
+TARGET_USER = "kwmiguser"  # roles of its own: setup re-applies its roles' passwords
 
 
 @pytest.fixture(scope="module")
 def target_db(pg_cluster):
     """A kwollect database of its own, so verify sees only what the migrations wrote."""
-    asyncio.run(setup(setup_conf(pg_cluster, kwollect_db_name=TARGET_DB)))
+    asyncio.run(setup(setup_conf(pg_cluster, kwollect_db_name=TARGET_DB,
+                                 kwollect_user=TARGET_USER)))
     return TARGET_DB
 
 
@@ -62,7 +64,7 @@ def secrets(tmp_path):
 def options(pg_cluster, source_db: str, secrets, **extra) -> dict:
     source_pw, writer_pw = secrets
     return {**MIGRATE_DEFAULTS, "db_host": "127.0.0.1", "db_port": pg_cluster.port,
-            "db_name": TARGET_DB, "db_user": "kwuser", "db_password": WRITER_PASSWORD,
+            "db_name": TARGET_DB, "db_user": TARGET_USER, "db_password": WRITER_PASSWORD,
             "from": f"postgresql://{k1.SOURCE_ROLE}@127.0.0.1:{pg_cluster.port}/{source_db}",
             "from_password_file": str(source_pw), **extra}
 

@@ -1,0 +1,153 @@
+"""`kwollect migrate` throughput, beside a plain copy of the same source table.
+
+Starts a private PostgreSQL cluster holding both sides: a Kwollect 1.x source laid out as
+kwollect-setup-db 1.3.1 creates it (a TimescaleDB hypertable with its compression settings
+when TimescaleDB is installed, else the plain table plus the timestamp index TimescaleDB
+would have created), loaded with ROWS rows of Kwollect shape (DEVICES devices x 10 metrics at
+1 Hz), and a kwollect target.  It prints:
+
+- `kwollect migrate` (JOBS workers, RANGE_MINUTES ranges): rows/s end to end;
+- the baseline, a plain table-to-table copy of the same rows in one stream (binary
+  `COPY (SELECT * FROM metrics) TO STDOUT` piped into `COPY ... FROM STDIN` of a table of
+  the reference's shape without indexes, what a pg_dump | pg_restore of the data costs).
+
+Both sides share this machine's cores here; in a real migration the source is another host.
+
+Usage: .venv/bin/python benchmarks/migrate.py [--rows 2000000] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from kwollect.dev.devcluster import PrivateCluster, missing_extension_reason
+from kwollect.migrate.command import MIGRATE_DEFAULTS, migrate
+from kwollect.store.setupdb import DEFAULTS, setup
+
+START = datetime(2023, 1, 2, tzinfo=UTC)
+METRICS = [f"metric_{i}" for i in range(10)]
+SOURCE_DDL = """
+CREATE TABLE metrics ("timestamp" timestamptz DEFAULT now(), device_id text NOT NULL,
+                      metric_id text NOT NULL, value double precision DEFAULT 'NaN',
+                      labels jsonb DEFAULT '{}');
+"""
+PLAIN_TIME_INDEX = 'CREATE INDEX metrics_timestamp_idx ON metrics ("timestamp" DESC);'
+HYPERTABLE = """
+CREATE EXTENSION timescaledb;
+SELECT create_hypertable('metrics', 'timestamp', chunk_time_interval => interval '6 hours');
+"""
+REFERENCE_INDEXES = """
+CREATE INDEX metrics_device_idx ON metrics (device_id, "timestamp" DESC);
+CREATE INDEX metrics_alias_idx ON metrics ((labels->>'_device_alias'), "timestamp" DESC)
+    WHERE labels ? '_device_alias';
+"""
+COMPRESSION = """
+ALTER TABLE metrics SET (timescaledb.compress,
+                         timescaledb.compress_segmentby = 'device_id, metric_id, labels',
+                         timescaledb.compress_orderby = '"timestamp" DESC');
+"""
+
+
+def csv_rows(devices: int, rows: int) -> bytes:
+    out = io.StringIO()
+    per_second = devices * len(METRICS)
+    for i in range(rows):
+        second, rest = divmod(i, per_second)
+        device, metric = divmod(rest, len(METRICS))
+        ts = START + timedelta(seconds=second, milliseconds=device % 20)
+        labels = f'"{{""_device_alias"": ""node-{device}""}}"' if metric == 1 else "{}"
+        out.write(f"{ts.isoformat()},node-{device},{METRICS[metric]},{(i % 9973) / 7!r},"
+                  f"{labels}\n")
+    return out.getvalue().encode()
+
+
+async def plain_copy(source: asyncpg.Connection, target: asyncpg.Connection) -> float:
+    await target.execute("CREATE TABLE plain_copy (\"timestamp\" timestamptz, device_id text, "
+                         "metric_id text, value double precision, labels jsonb)")
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    async def produce() -> None:
+        await source.copy_from_query("SELECT * FROM metrics", output=queue.put, format="binary")
+        await queue.put(None)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(produce(), target.copy_to_table("plain_copy", source=chunks(),
+                                                         format="binary"))
+    return time.perf_counter() - t0
+
+
+async def run(args: argparse.Namespace) -> None:
+    hypertable = missing_extension_reason("timescaledb") is None and not args.plain
+    cluster = PrivateCluster(settings={"shared_buffers": "1GB", "max_wal_size": "20GB",
+                                       "checkpoint_timeout": "30min"},
+                             preload=("timescaledb",) if hypertable else ()).start()
+    try:
+        conf = {**DEFAULTS, "db_host": cluster.socket_dir, "db_port": cluster.port,
+                "kwollect_password": "bench"}
+        await setup(conf)
+        admin = await asyncpg.connect(cluster.dsn())
+        await admin.execute("CREATE DATABASE kw1x")
+        await admin.close()
+        source = await asyncpg.connect(cluster.dsn(database="kw1x"))
+        await source.execute(SOURCE_DDL + (HYPERTABLE if hypertable else PLAIN_TIME_INDEX)
+                             + REFERENCE_INDEXES)
+        t0 = time.perf_counter()
+        await source.copy_to_table("metrics", source=io.BytesIO(csv_rows(args.devices, args.rows)),
+                                   format="csv")
+        if hypertable:
+            await source.execute(COMPRESSION)
+            if args.compress:
+                await source.fetchval(
+                    "SELECT count(compress_chunk(c)) FROM show_chunks('metrics') c")
+        await source.execute("VACUUM ANALYZE metrics")
+        kind = ("TimescaleDB hypertable" + (", chunks compressed" if args.compress else "")
+                if hypertable else "plain table")
+        print(f"source: {args.rows:,} rows, {kind}, loaded in {time.perf_counter() - t0:.0f} s")
+        target = await asyncpg.connect(cluster.dsn(database="kwdb"))
+        elapsed = await plain_copy(source, target)
+        print(f"baseline, plain table to table binary COPY, 1 stream: "
+              f"{args.rows / elapsed:,.0f} rows/s")
+        await target.execute("DROP TABLE plain_copy")
+        out = io.StringIO()
+        migrate_conf = {**MIGRATE_DEFAULTS, "db_host": cluster.socket_dir,
+                        "db_port": cluster.port, "db_name": "kwdb", "db_user": "postgres",
+                        "from": cluster.dsn(database="kw1x"), "final": True,
+                        "jobs": args.jobs, "range_minutes": args.range_minutes}
+        t0 = time.perf_counter()
+        await migrate(migrate_conf, out)
+        elapsed = time.perf_counter() - t0
+        print(f"kwollect migrate, {args.jobs} workers, {args.range_minutes}-minute ranges: "
+              f"{args.rows / elapsed:,.0f} rows/s ({elapsed:.1f} s); "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(out.getvalue().strip())
+        await source.close()
+        await target.close()
+    finally:
+        cluster.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--range-minutes", type=int, default=60)
+    parser.add_argument("--plain", action="store_true", help="plain table even with TimescaleDB")
+    parser.add_argument("--compress", action="store_true", help="compress every chunk first")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
