@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 import urllib.request
 from urllib.parse import quote
@@ -403,3 +404,96 @@ def test_fast_path_agrees_with_prometheus_client(node_exporter, client_exporter)
     for line in lines:
         assert _outcome(prometheus.parse_line, line) == _outcome(
             prometheus.library_parse_line, line), line
+
+
+# --- hostile expositions ----------------------------------------------------------------
+
+GOOD_SERIES = "".join(f'good_series{{i="{i}"}} {i}\n' for i in range(1000))
+
+
+@pytest.mark.parametrize("stamp", ["inf", "+Inf", "-inf", "1e999", "-1e999", "nan",
+                                   "99999999999999999999999"])
+async def test_a_non_finite_timestamp_skips_its_line_not_the_scrape(prom_edge_server, stamp):
+    path = f"/badstamp-{abs(hash(stamp))}/metrics"
+    lines = GOOD_SERIES.splitlines(keepends=True)
+    prom_edge_server.bodies[path] = "".join([*lines[:500], f"bad_stamp 1 {stamp}\n",
+                                             *lines[500:]])
+    url = f"prometheus://{prom_edge_server.http}/?path={path}"
+    collector = prometheus.open_collector(prometheus.target_key(desc(url)), 5.0)
+    try:
+        readings = await collector.collect([desc(url)])
+        assert collector.malformed_lines == 1
+    finally:
+        await collector.close()
+    assert len(readings) == 1000 and {r.metric_id for r in readings} == {"prom_good_series"}
+
+
+def test_duplicate_lines_are_kept_once_and_counted():
+    text = ('dup{a="1",b="2"} 1\n'
+            'dup{b="2",a="1"} 2\n'  # the same series, labels in another order
+            'dup{a="1",b="2"} 3 1609452000000\n'  # another time: a sample of its own
+            'dup{a="1",b="2"} 4 1609452000000\n'
+            'dup{a="1"} 5\n')
+    exposition = prometheus.parse_exposition(text)
+    assert [(s.labels, s.value) for s in exposition.samples] == [
+        ({"a": "1", "b": "2"}, 1.0), ({"a": "1", "b": "2"}, 3.0), ({"a": "1"}, 5.0)]
+    assert (exposition.duplicates, exposition.malformed) == (2, 0)
+
+
+async def test_duplicate_lines_stored_once_counted_by_the_collector(prom_edge_server, caplog):
+    prom_edge_server.bodies["/dups/metrics"] = GOOD_SERIES * 2
+    url = f"prometheus://{prom_edge_server.http}/?path=/dups/metrics"
+    collector = prometheus.open_collector(prometheus.target_key(desc(url)), 5.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kwollect.protocols.prometheus"):
+            readings = await collector.collect([desc(url)])
+        assert collector.duplicate_lines == 1000
+    finally:
+        await collector.close()
+    assert len(by_series(readings)) == 1000
+    assert "skipped 1000 line(s) repeating a series and time" in caplog.text
+
+
+async def test_an_answer_over_max_bytes_is_refused_with_the_option_named(prom_edge_server):
+    prom_edge_server.bodies["/big/metrics"] = GOOD_SERIES * 3  # about 60 KB
+    url = f"prometheus://{prom_edge_server.http}/?path=/big/metrics&max_bytes=50000"
+    with pytest.raises(FetchError, match=r"answer longer than 50000 bytes \(max_bytes\)"):
+        await collect(desc(url))
+    readings = await collect(desc(url.replace("max_bytes=50000", "max_bytes=100000")))
+    assert len(readings) == 1000  # and the three copies of each line counted once
+    prom_edge_server.bodies["/noline/metrics"] = "7" * (17 << 20)  # beyond the default
+    with pytest.raises(FetchError, match="longer than 16777216 bytes"):
+        await collect(desc(f"prometheus://{prom_edge_server.http}/?path=/noline/metrics"))
+    with pytest.raises(ValueError, match="max_bytes must be a positive number"):
+        prometheus.target_key(desc(f"prometheus://{prom_edge_server.http}/?max_bytes=-1"))
+
+
+def test_a_line_too_long_is_malformed_without_parsing():
+    text = "x" * (prometheus.MAX_LINE_CHARS + 1) + "\nok 1\n"
+    exposition = prometheus.parse_exposition(text)
+    assert [s.name for s in exposition.samples] == ["ok"] and exposition.malformed == 1
+    number, line, reason = exposition.errors[0]
+    assert number == 1 and len(line) < 300 and "longer than" in reason
+
+
+def test_fuzzed_expositions_never_raise_and_account_for_every_line():
+    """2,000 mutations of the edge exposition (seeded): a bad line costs that line only."""
+    rng = random.Random(16)
+    pieces = ["{", "}", '"', "\\", "=", ",", " ", "\t", "#", "\n", "\x00", "\u2028", "e999",
+              "inf", "-", "NaN", "1e-999", "9" * 30, "_", "le", "__name__", "\udc80", "é"]
+    base = EDGE_EXPOSITION
+    for _ in range(2000):
+        text = list(base)
+        for _ in range(rng.randint(1, 12)):
+            where = rng.randrange(len(text))
+            if rng.random() < 0.5:
+                text[where] = rng.choice(pieces)
+            else:
+                del text[where]
+        mutated = "".join(text)
+        exposition = prometheus.parse_exposition(mutated)
+        lines = [line.strip() for line in mutated.split("\n")]
+        counted = sum(1 for line in lines if line and line[0] != "#")
+        assert len(exposition.samples) + exposition.malformed + exposition.duplicates == counted
+        for sample in exposition.samples:
+            assert sample.timestamp_us is None or abs(sample.timestamp_us) < 1 << 63

@@ -4,10 +4,13 @@ dead target, promotion on and off, reload keeping unchanged groups."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
+import time
 
 import pytest
 
+from kwollect.collect import scheduler as scheduler_module
 from kwollect.collect.promotion import Promotions
 from kwollect.collect.scheduler import Scheduler
 from kwollect.model import MetricDescription, Reading
@@ -159,3 +162,40 @@ async def test_a_target_keeps_its_collector_while_a_group_reads_it(snmp_agent):
         assert scheduler._targets == {}
     finally:
         await scheduler.close()
+
+
+async def test_a_pause_is_missed_ticks_not_device_timeouts(snmp_agent, caplog):
+    """The process stalls 2.5 s (as under SIGSTOP or a swap storm): the ticks that went by
+    are counted as missed, nobody is blamed with a negative time budget, polling resumes."""
+    metric = desc(snmp_agent.url(OIDS[0]), "paused", 1000)
+
+    async def during(scheduler, readings):
+        await asyncio.sleep(1.2)
+        time.sleep(2.5)  # the whole event loop stalls
+        readings.clear()
+
+    with caplog.at_level(logging.WARNING, logger="kwollect.collect.scheduler"):
+        readings, stats = await run_for([metric], 2.2, during=during)
+    (target,) = stats.values()
+    assert target.timeouts == 0 and target.errors == 0
+    assert target.missed_ticks >= 2
+    assert "no answer within -" not in caplog.text and "tick(s) of 1 s missed" in caplog.text
+    assert times(readings, "paused"), "polling resumes after the pause"
+
+
+async def test_clock_stepped_back_realigns_instead_of_waiting(snmp_agent, monkeypatch):
+    """The wall clock goes back an hour (an NTP step): ticks re-align on the new time at
+    once instead of sleeping until the old time comes back."""
+    metric = desc(snmp_agent.url(OIDS[0]), "stepped", 200)
+    real = time.time
+    offset = [0.0]
+    monkeypatch.setattr(scheduler_module.time, "time", lambda: real() + offset[0])
+
+    async def during(scheduler, readings):
+        await asyncio.sleep(0.5)
+        offset[0] = -3600.0
+        readings.clear()
+
+    readings, stats = await run_for([metric], 1.5, during=during)
+    assert len(times(readings, "stepped")) >= 3
+    assert next(iter(stats.values())).timeouts == 0

@@ -75,6 +75,8 @@ class TargetStats:
     errors: int = 0
     timeouts: int = 0
     overruns: int = 0
+    missed_ticks: int = 0
+    """Ticks not polled because the kwollector itself ran a period late or more."""
     latency_sum_s: float = 0.0
     last_latency_s: float = 0.0
 
@@ -201,8 +203,17 @@ class Scheduler:
                     group.poll = asyncio.create_task(self._poll(group, new, time.time() + period))
                 continue
             # asyncio may wake up a hair early: never poll before the tick itself
-            while (early := tick - time.time()) > 0:
+            while 0 < (early := tick - time.time()) <= period:
                 await asyncio.sleep(early)
+            if early > period:  # the clock was stepped back: align on the new time
+                self._log.warning(("clock", group.key), "%s: the wall clock went back by "
+                                  "%.3g s: ticks re-aligned on it", group.target.stats.name,
+                                  early)
+                continue
+            late = -early
+            if late >= period:  # a pause (SIGSTOP, suspend, load) or a clock step forward
+                self._missed(group, int(late // period) + 1, late)
+                continue
             active = self._active(group)
             group.last_active = active
             if not active:
@@ -215,13 +226,27 @@ class Scheduler:
                 continue
             group.poll = asyncio.create_task(self._poll(group, active, tick + period))
 
+    def _missed(self, group: _Group, ticks: int, late: float) -> None:
+        """Ticks whose whole period went by before the group could run: missed, not polled.
+
+        They are the kwollector's fault, not the device's: counted as missed ticks, never
+        as timeouts (a poll started then would have had a negative time budget)."""
+        group.target.stats.missed_ticks += ticks
+        self._log.warning(("missed", group.key), "%s: %d tick(s) of %g s missed: the "
+                          "kwollector ran %.3g s late (paused, overloaded, or the clock "
+                          "was stepped forward)", group.target.stats.name, ticks,
+                          group.period_s, late)
+
     async def _poll(self, group: _Group, active: frozenset[int], deadline: float) -> None:
         """One collect call, ended by the target timeout or by the group's next tick."""
         stats = group.target.stats
         metrics = [group.entries[i].desc for i in sorted(active)]
         started = time.monotonic()
+        budget = min(self._timeout_s, deadline - time.time())
+        if budget <= 0:  # the loop stalled between the tick and this task's first step
+            self._missed(group, 1, -budget)
+            return
         try:
-            budget = min(self._timeout_s, deadline - time.time())
             async with asyncio.timeout(budget):
                 async with group.target.limit:
                     readings = await group.target.collector.collect(metrics)

@@ -1,7 +1,7 @@
 """The kwollector's own health, as readings stored under its own device and as a
 Prometheus exposition: values collected, the writer's counters (inserted, spooled,
-dropped, queue and spool depth) and, per target, polls, errors, timeouts, overruns and
-poll latency."""
+dropped, queue and spool depth) and, per target, polls, errors, timeouts, overruns, missed
+ticks and poll latency."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def _samples(values_collected: int, writer_stats: Mapping[str, Any],
             ("poll_errors_total", labels, float(t.errors)),
             ("poll_timeouts_total", labels, float(t.timeouts)),
             ("poll_overruns_total", labels, float(t.overruns)),
+            ("poll_missed_ticks_total", labels, float(t.missed_ticks)),
             ("poll_latency_seconds", labels, t.last_latency_s),
         ]
     return samples

@@ -13,6 +13,10 @@ Options common to every HTTP-based scheme, given as query parameters of the metr
 - ``ca_file=/abs/path`` (https only): PEM file of the CA(s) trusted for the server
   certificate, instead of the system store.
 - ``insecure=1`` (https only): do not verify the server certificate at all.
+- ``max_bytes=N``: the largest answer read, in bytes (default 16 MiB, about 250,000
+  exposition lines); a longer one is an error naming the limit and this option, and what
+  came of it is discarded.  It bounds the memory and CPU one target can take from the
+  others: a 1M-line exposition once cost 1.17 GB and 8,400 missed ticks of other targets.
 
 Basic authentication is ``user:password@`` in the URL (percent-decoded); it cannot be
 combined with ``bearer_file``. Redirects are not followed: a 3xx answer is an error naming
@@ -38,12 +42,15 @@ from kwollect.protocols.url import (
     UrlParts,
     absolute_path,
     flag,
+    integer,
     read_options,
     split_url,
 )
 
+DEFAULT_MAX_BYTES = 16 << 20
+_READ_CHUNK = 256 << 10
 _COMMON_OPTIONS = (Option("bearer_file", absolute_path), Option("ca_file", absolute_path),
-                   Option("insecure", flag))
+                   Option("insecure", flag), Option("max_bytes", integer(1, 1 << 40)))
 
 
 class FetchError(KwollectError):
@@ -61,6 +68,7 @@ class HttpTarget:
     bearer_file: str | None = None
     ca_file: str | None = None
     insecure: bool = False
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     @property
     def label(self) -> str:
@@ -97,7 +105,8 @@ def http_target(parts: UrlParts, secure: bool, path: str,
     if "bearer_file" in options and parts.username is not None:
         raise parts.error("give either user:password@ (basic auth) or bearer_file, not both")
     return HttpTarget(url, parts.username, parts.password, options.get("bearer_file"),
-                      options.get("ca_file"), options.get("insecure", False))
+                      options.get("ca_file"), options.get("insecure", False),
+                      options.get("max_bytes", DEFAULT_MAX_BYTES))
 
 
 class Response(NamedTuple):
@@ -168,13 +177,29 @@ class HttpClient:
                     if "Location" in resp.headers:
                         detail += f" to {resp.headers['Location']} (redirects are not followed)"
                     raise FetchError(f"{where}: {detail}")
-                body = await resp.read()
+                body = await self._read_bounded(resp, where)
                 content_type = resp.content_type
         except TimeoutError as exc:
             raise FetchError(f"{where}: no complete answer within {self._timeout:g} s") from exc
         except aiohttp.ClientError as exc:
             raise FetchError(f"{where}: {type(exc).__name__}: {exc}") from exc
         return Response(body, content_type, start_ns, time.time_ns())
+
+    async def _read_bounded(self, resp: aiohttp.ClientResponse, where: str) -> bytes:
+        """The body, or FetchError once it grows past the target's max_bytes."""
+        limit = self.target.max_bytes
+        too_long = (f"{where}: answer longer than {limit} bytes (max_bytes): the target "
+                    f"serves too much, or raise max_bytes=<bytes> in its URL")
+        if resp.content_length is not None and resp.content_length > limit:
+            raise FetchError(too_long)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise FetchError(too_long)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def close(self) -> None:
         if self._session is not None:
