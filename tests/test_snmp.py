@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import struct
 import time
 
 import pytest
@@ -172,7 +173,8 @@ def test_opaque_floats_decode():
     assert snmp_codec.decode_value(0x44, b"\x9f\x78\x04\x3f\xc0\x00\x00") == 1.5
     assert snmp_codec.decode_value(0x44, b"\x9f\x79\x08\x40\x09\x21\xfb\x54\x44\x2d\x18") \
         == pytest.approx(math.pi)
-    assert snmp_codec.decode_value(0x44, b"\x01\x02") == "0102"
+    refused = snmp_codec.decode_value(0x44, b"\x01\x02")  # once "0102", then stored as 102.0
+    assert isinstance(refused, snmp_codec.Refused) and "not a float" in refused.reason
 
 
 @pytest.mark.parametrize("data", [b"", b"\x30", b"\x30\x84\xff\xff\xff\xff", b"\x02\x01\x00",
@@ -529,3 +531,30 @@ async def test_v1_v2c_exception_values_do_not_become_readings(scripted_agent):
     metrics = [metric(f"m{n}", scripted_agent.url(f"1.3.6.1.4.1.99999.5.{n}"))
                for n in range(1, 5)]
     assert {name: r.value for name, r in (await collect(metrics)).items()} == {"m4": 7}
+
+
+async def test_values_snmp_cannot_hold_are_refused_one_by_one(scripted_agent, caplog):
+    """An INTEGER of 167 bytes, an Opaque that is no float, a type SNMP does not define:
+    each is refused and counted, the other values of the same poll are kept."""
+    from puresnmp.types import Counter64, NsapAddress, Opaque
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    values = [Integer(10 ** 400), Integer(7), Opaque(b"\x01\x02"), NsapAddress(258),
+              Opaque(b"\x9f\x78\x04" + struct.pack(">f", 1.5)),
+              Opaque(b"\x9f\x79\x08" + struct.pack(">d", -2.25)), Counter64(2 ** 64 - 1),
+              Integer(-(10 ** 30))]
+    scripted_agent.script = lambda request: [response(request, values)]
+    metrics = [metric(f"m{n}", scripted_agent.url(f"1.3.6.1.4.1.99999.5.{n}"))
+               for n in range(1, len(values) + 1)]
+    collector = snmp.open_collector(snmp.target_key(metrics[0]), 2.0)
+    try:
+        readings = {r.metric_id: r.value for r in await collector.collect(metrics)}
+        assert collector.refused_values == 4
+    finally:
+        await collector.close()
+    assert readings == {"m2": 7.0, "m5": 1.5, "m6": -2.25, "m7": float(2 ** 64 - 1)}
+    refused = warnings_about(caplog, "value refused")
+    assert any("INTEGER of 167 bytes: wider than 64 bits" in m for m in refused)
+    assert any("Opaque of 2 bytes that is not a float or double" in m for m in refused)
+    assert any("type 0x45, which SNMP does not define" in m for m in refused)
+    assert any("INTEGER of 13 bytes" in m for m in refused)

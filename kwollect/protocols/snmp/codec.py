@@ -66,6 +66,28 @@ class Missing:
         return self.name
 
 
+class Refused:
+    """A value kwollect will not store as a number: its reason says what it was.
+
+    An INTEGER or counter wider than 64 bits (once an OverflowError that lost the whole
+    poll), an Opaque that is not net-snmp's float or double wrapping, a type the standard
+    does not define (once stored as its hex digits read as decimal: ``01 02`` as 102.0).
+    The collector skips and counts it; the other values of the poll are kept.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Refused({self.reason!r})"
+
+
+MAX_INTEGER_BYTES = 9
+"""Counter64 takes 9 bytes in BER (a leading zero); INTEGER (Integer32) takes 4."""
+
+
 NO_SUCH_OBJECT = Missing("noSuchObject")
 NO_SUCH_INSTANCE = Missing("noSuchInstance")
 END_OF_MIB_VIEW = Missing("endOfMibView")
@@ -73,7 +95,7 @@ NULL_VALUE = Missing("NULL")
 _MISSING = {0x80: NO_SUCH_OBJECT, 0x81: NO_SUCH_INSTANCE, 0x82: END_OF_MIB_VIEW, NULL: NULL_VALUE}
 _UNSIGNED = frozenset((COUNTER32, GAUGE32, TIME_TICKS, COUNTER64))
 
-Value = int | float | bytes | str | Missing
+Value = int | float | bytes | str | Missing | Refused
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -276,7 +298,9 @@ def decode_get_values(data: bytes, header: ResponseHeader,
                 pos += 2
             if pos + length != vb_end or vb_end > end:
                 raise BerError(f"varbind {len(out) + 1} has inconsistent lengths")
-            if tag == 0x02:  # INTEGER
+            if length > MAX_INTEGER_BYTES and (tag == 0x02 or tag in unsigned):
+                append(decode_value(tag, data[pos:vb_end]))
+            elif tag == 0x02:  # INTEGER
                 append(from_bytes(data[pos:vb_end], "big", signed=True))
             elif tag in unsigned:
                 append(from_bytes(data[pos:vb_end]))
@@ -348,11 +372,13 @@ def decode_opaque(payload: bytes) -> bytes | float:
 
 
 def decode_value(tag: int, payload: bytes) -> Value:
-    """Any SNMP value; OID and IpAddress become dotted text, unknown types their hex."""
-    if tag == INTEGER:
-        return int.from_bytes(payload, "big", signed=True)
-    if tag in _UNSIGNED:
-        return int.from_bytes(payload, "big")
+    """Any SNMP value; OID and IpAddress become dotted text; what the standard does not
+    define, or a number wider than 64 bits, is `Refused`."""
+    if tag == INTEGER or tag in _UNSIGNED:
+        if len(payload) > MAX_INTEGER_BYTES:
+            return Refused(f"{'INTEGER' if tag == INTEGER else f'type 0x{tag:02x}'} of "
+                           f"{len(payload)} bytes: wider than 64 bits")
+        return int.from_bytes(payload, "big", signed=tag == INTEGER)
     if tag == OCTET_STRING:
         return payload
     missing = _MISSING.get(tag)
@@ -364,5 +390,6 @@ def decode_value(tag: int, payload: bytes) -> Value:
         return ".".join(map(str, payload))
     if tag == OPAQUE:
         value = decode_opaque(payload)
-        return value if isinstance(value, float) else value.hex()
-    return payload.hex()
+        return value if isinstance(value, float) else Refused(
+            f"Opaque of {len(payload)} bytes that is not a float or double")
+    return Refused(f"type 0x{tag:02x}, which SNMP does not define")

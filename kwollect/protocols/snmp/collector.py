@@ -15,6 +15,7 @@ from kwollect.protocols.snmp.codec import (
     NO_SUCH_NAME,
     TOO_BIG,
     Missing,
+    Refused,
     Value,
     oid_text,
 )
@@ -76,7 +77,7 @@ class _WalkState:
 
 
 def _match_text(value: Value) -> str | None:
-    if isinstance(value, Missing):
+    if isinstance(value, Missing | Refused):
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
@@ -99,6 +100,8 @@ class SnmpCollector:
         self._missing: set[tuple[int, ...]] = set()
         self._excluded: dict[tuple[int, ...], float] = {}
         self._log = RateLimitedLog(_log)
+        self.refused_values = 0
+        """Values skipped since the collector was opened (see `Refused`)."""
 
     async def collect(self, metrics: Sequence[MetricDescription]) -> list[Reading]:
         readings: list[Reading] = []
@@ -155,6 +158,9 @@ class SnmpCollector:
             if kind is Missing:
                 self._on_missing(item, value.name, metrics)
                 continue
+            if kind is Refused:
+                self._on_refused(item, value.reason, metrics)
+                continue
             if missing and item.oid in missing:
                 missing.discard(item.oid)
                 _log.info("%s: %s has a value again", self._label, oid_text(item.oid))
@@ -170,6 +176,12 @@ class SnmpCollector:
             else:
                 for index in item.indices:
                     append(make_reading(metrics[index], timestamp, value))
+
+    def _on_refused(self, item: _Item, why: str, metrics: Sequence[MetricDescription]) -> None:
+        self.refused_values += 1
+        names = ", ".join(metrics[index].name for index in item.indices)
+        self._log.warning(("refused", item.oid), "%s: %s (metric %s): value refused: %s",
+                          self._label, oid_text(item.oid), names, why)
 
     def _on_missing(self, item: _Item, why: str, metrics: Sequence[MetricDescription]) -> None:
         if item.oid not in self._missing:
