@@ -72,6 +72,7 @@ from kwollect.protocols.ipmi.pool import (
 )
 from kwollect.protocols.ipmi.url import SCHEMES, SensorRef, Target, parse_url
 
+# _conf_quote and _pools are for the tests (config quoting; no pool left behind)
 __all__ = ["BATCH_WINDOW_S", "MAX_HOSTS_PER_PROCESS", "SCHEMES", "IpmiCollector", "IpmiError",
            "Row", "SensorRef", "Target", "_conf_quote", "_pools", "open_collector", "parse_row",
            "parse_url", "target_key"]
