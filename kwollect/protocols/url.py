@@ -179,7 +179,9 @@ def integer(low: int, high: int, *, hexadecimal: bool = False) -> Reader[int]:
             digits, base = re.fullmatch(r"[0-9a-fA-F]+", text[2:]), 16
         else:
             digits, base = re.fullmatch(r"[0-9]+", text), 10
-        if digits is not None and low <= (value := int(digits.group(), base)) <= high:
+        # the length bound keeps int() away from its 4,300-digit limit on hostile input
+        if digits is not None and len(text) <= 32 \
+                and low <= (value := int(digits.group(), base)) <= high:
             return value
         raise ValueError(f"must be an integer in {low}..{high}")
     return read
