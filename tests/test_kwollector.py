@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import pytest
 
 from kwollect.collect.kwollector import main as kwollector_main
+from kwollect.collect.selfmetrics import prometheus_text, self_readings
 from kwollect.dev.simulators import free_port
 from tests.fixtures.kwdb import WRITER_PASSWORD
 from tests.fixtures.snmp import BULK
@@ -28,6 +29,16 @@ REFERENCE_FILE = """\
   url: snmp://public@node-1-admin.domain.com/1.3.6.1.4.1.674.10892.5.4.600.30.1.6.1.3
   update_every: 5000
 """
+
+
+def test_writer_online_state_is_exported():
+    """kwollector_writer_online: 0 while the database is away, in the stored self-metrics
+    and on the Prometheus endpoint alike."""
+    stats = {"inserted": 5, "online": False, "last_error": "TimeoutError"}
+    assert "kwollector_writer_online 0.0\n" in prometheus_text(0, stats, [])
+    stored = {r.metric_id: r.value for r in self_readings("k", 1, 0, stats, [])}
+    assert stored["kwollector_writer_online"] == 0.0
+    assert "kwollector_writer_last_error" not in stored
 
 
 def test_check_prints_the_polling_plan(tmp_path, capsys):
@@ -142,6 +153,7 @@ async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_ag
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())
     text = exposition.decode()
     assert "kwollector_values_collected_total " in text
+    assert "kwollector_writer_online 1.0" in text  # what an operator alerts on
     assert f'kwollector_polls_total{{target="snmp://127.0.0.1:{snmp_agent.port}"}}' in text
     # SIGHUP: a new file is picked up without a restart
     write_descriptions(k.metrics_dir, "more.yaml", [

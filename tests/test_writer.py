@@ -19,8 +19,9 @@ import pytest
 
 from kwollect.dev.simulators import free_port
 from kwollect.model import Reading
-from kwollect.store.spool import SpoolError
+from kwollect.store.spool import Spool, SpoolError
 from kwollect.store.writer import Writer, WriterOptions, datetime_to_us, us_to_datetime
+from tests.fixtures.tcp_proxy import TcpProxy
 
 T0 = 1_767_225_600_000_000  # 2026-01-01 00:00:00 UTC, in µs
 FAST = {"flush_interval_s": 0.05, "retry_min_s": 0.05, "retry_max_s": 0.3,
@@ -213,6 +214,21 @@ async def test_series_refused_by_the_database_does_not_block_others(kwdb, caplog
     assert await count(kwdb, "wr-refused-%") == (5, 5)
     assert writer.stats()["dropped"] == 3 and writer.stats()["inserted"] == 5
     assert "refused the series" in caplog.text
+
+
+async def test_log_lines_about_a_huge_series_are_bounded(kwdb, caplog) -> None:
+    """A series with a 1 MB label (and one with a 1 MB device id) is refused in one line
+    of bounded length each, not logged in full."""
+    rows = (readings("wr-huge-label", 2, labels={"blob": "x" * 1_000_000})
+            + [Reading(T0, "wr-huge-" + "d" * 1_000_000, "m", 1.0, {})])
+    writer = make_writer(kwdb.connect_kwargs("kwuser"))
+    await writer.start()
+    with caplog.at_level(logging.WARNING):
+        writer.submit(rows)
+        await writer.close(timeout=30)
+    assert writer.stats()["dropped"] == 3
+    assert caplog.text.count("refused the series") == 2
+    assert max(len(r.getMessage()) for r in caplog.records) < 2000
 
 
 # --- outages -----------------------------------------------------------------------------
@@ -474,3 +490,69 @@ async def test_close_without_database_spools_what_is_in_memory(kwdb, tmp_path) -
     writer.submit(readings("wr-close", 1))
     assert writer.stats()["dropped"] == 1
 
+
+
+async def test_a_hung_link_spools_says_offline_and_reconnects(kwdb, tmp_path, caplog) -> None:
+    """The database link stops forwarding without closing (a firewall drop, a dead switch):
+    past db_batch_timeout_s the batch goes to the spool, the writer says it is offline and
+    later batches go to the spool at once (a crash would lose nothing), then it reconnects
+    and replays, exactly once."""
+    proxy = await TcpProxy(kwdb.cluster.port).start()
+    kwargs = {**kwdb.connect_kwargs("kwuser"), "port": proxy.port, "ssl": False}
+    writer = make_writer(kwargs, spool_dir=tmp_path / "spool", batch_timeout_s=1.0,
+                         connect_timeout_s=1.0, batch_max_rows=500)
+    await writer.start()
+    try:
+        writer.submit(readings("wr-hang", 1000))
+        await wait_until(lambda: writer.stats()["inserted"] == 1000, "the first rows")
+        proxy.hang()
+        with caplog.at_level(logging.WARNING, logger="kwollect.store.writer"):
+            for second in range(1, 16):  # 15,000 rows while the link hangs
+                writer.submit(readings("wr-hang", 1000, start=T0 + second * 1_000_000))
+                await asyncio.sleep(0.1)
+            await wait_until(lambda: not writer.stats()["online"], "offline", timeout=10)
+            await wait_until(lambda: writer.stats()["spooled"] == 15_000, "all in the spool",
+                             timeout=10)
+        stats = writer.stats()
+        assert stats["inserted"] + stats["spooled"] == 16_000  # nothing a crash could lose
+        assert "within 1 s (db_batch_timeout_s)" in caplog.text
+        proxy.resume()
+        await wait_until(lambda: writer.stats()["inserted"] == 16_000, "the replay", timeout=30)
+        await writer.close(timeout=30)
+    finally:
+        await proxy.close()
+    stats = writer.stats()
+    assert stats["online"] and stats["dropped"] == 0
+    assert await count(kwdb, "wr-hang") == (16_000, 16_000)
+
+
+async def test_rows_of_damaged_spool_records_are_counted_as_dropped(kwdb, tmp_path) -> None:
+    """Every lost row is in `dropped`: a record damaged on disk (CRC wrong), one cut short,
+    and one whose CRC is right but whose content cannot be decoded; a record damaged beyond
+    its row count is counted in spool_lost_records."""
+    spool_dir = tmp_path / "spool"
+    writer = make_writer(dead_kwargs(kwdb), spool_dir=spool_dir, batch_max_rows=100,
+                         pool_size=1)
+    await writer.start()
+    writer.submit(readings("wr-damaged", 400))
+    await writer.close(timeout=1)
+    (segment,) = segments(spool_dir)
+    data = bytearray(segment.read_bytes())
+    record = len(data) // 4
+    data[record + 200] ^= 0xFF  # the second record's payload: CRC wrong
+    segment.write_bytes(bytes(data[:-7]))  # the fourth cut short
+    extra = Spool(spool_dir, 1 << 20)
+    extra.open()
+    good = data[12:record]  # the first record's payload, re-framed with a valid CRC...
+    name_at = good.index(b"wr-damaged")
+    undecodable = bytes(good[:name_at]) + b"\xff" + bytes(good[name_at + 1:])  # ...not UTF-8
+    assert extra.append(undecodable) and extra.append(b"\xff" * 30)  # and one without rows
+    extra.close()
+    replay = make_writer(kwdb.connect_kwargs("kwuser"), spool_dir=spool_dir)
+    await replay.start()
+    await wait_until(lambda: replay.stats()["spool_batches"] == 0, "the replay")
+    await replay.close(timeout=30)
+    stats = replay.stats()
+    assert stats["dropped"] == 300 and stats["replayed"] == 200
+    assert stats["spool_lost_records"] == 1
+    assert await count(kwdb, "wr-damaged") == (200, 200)

@@ -1,7 +1,7 @@
 """The kwollector's own health, as readings stored under its own device and as a
 Prometheus exposition: values collected, the writer's counters (inserted, spooled,
-dropped, queue and spool depth) and, per target, polls, errors, timeouts, overruns, missed
-ticks and poll latency."""
+dropped, queue and spool depth) and state (``kwollector_writer_online``, 1 or 0, to alert
+on), and per target polls, errors, timeouts, overruns, missed ticks and poll latency."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _samples(values_collected: int, writer_stats: Mapping[str, Any],
     samples: list[tuple[str, dict[str, str], float]] = [
         ("values_collected_total", {}, float(values_collected))]
     for key, value in sorted(writer_stats.items()):
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int | float):  # booleans too: kwollector_writer_online 1 or 0
             samples.append((f"writer_{key}", {}, float(value)))
     for t in targets:
         labels = {"target": t.name}

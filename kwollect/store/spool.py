@@ -71,8 +71,13 @@ class Spool:
     """Append-only segment files read back in order; see the module docstring."""
 
     def __init__(self, directory: str | Path, max_bytes: int,
-                 logger: logging.Logger = log) -> None:
+                 logger: logging.Logger = log,
+                 on_damaged: Callable[[bytes, int], None] | None = None) -> None:
+        """`on_damaged(payload, length)` is told of each torn or corrupt record skipped:
+        the bytes read of its payload and the length its header declared (``b"", 0`` when
+        even the header is gone), so the owner can count the rows it held."""
         self.directory = Path(directory)
+        self._on_damaged = on_damaged
         self.max_bytes = max_bytes
         self.segment_bytes = min(MAX_SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, max_bytes // 8))
         self._log = logger
@@ -295,16 +300,18 @@ class Spool:
 
     def _read_record(self, segment: _Segment) -> tuple[SpoolRef, bytes] | None:
         offset = segment.read_offset
+        damaged, declared = b"", 0
         with open(segment.path, "rb") as file:
             file.seek(offset)
             header = file.read(HEADER.size)
             if len(header) == HEADER.size:
                 magic, length, crc = HEADER.unpack(header)
-                if magic == MAGIC and offset + HEADER.size + length <= segment.size:
-                    payload = file.read(length)
+                if magic == MAGIC:
+                    payload = file.read(min(length, segment.size - offset - HEADER.size))
                     if len(payload) == length and zlib.crc32(payload) == crc:
                         segment.read_offset = offset + HEADER.size + length
                         return SpoolRef(segment, offset), payload
+                    damaged, declared = payload, length
             file.seek(offset + 1)
             rest = file.read(segment.size - offset - 1)
         skip = rest.find(MAGIC)
@@ -316,6 +323,8 @@ class Spool:
         self.corrupt_records += 1
         self.corrupt_bytes += resume - offset
         self._forget(segment)
+        if self._on_damaged is not None:
+            self._on_damaged(damaged, declared)
         return None
 
     def done(self, ref: SpoolRef) -> None:

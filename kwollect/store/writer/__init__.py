@@ -16,10 +16,14 @@ each with its own connection, write them:
   ON CONFLICT DO NOTHING, so a batch whose COMMIT outcome was lost (connection broken) and
   is sent again is recognised and skipped: retries never duplicate samples.
 
+Every batch's delivery (series look-up, partitions, BEGIN, COPY, COMMIT) has a deadline,
+`batch_timeout_s`: a link that hangs instead of failing is an outage like any other.
 When the database is unreachable or slow, batches go to an on-disk spool (`kwollect.store.spool`,
 bounded, surviving restarts) and are replayed in order once it answers; while the spool is
-not empty, new batches queue behind it.  Nothing is lost silently: rows refused (spool
-full, invalid readings) are counted in `stats()` and logged at a limited rate.
+not empty, new batches queue behind it.  Nothing is lost silently: every row lost (spool
+full, invalid readings, refused series, spool records damaged on disk or undecodable) is
+counted in `stats()["dropped"]` and logged at a limited rate, each drop in some line; a
+spool record damaged beyond its row count is counted in ``spool_lost_records``.
 
 Memory: about 150 bytes per queued row, and about 300 bytes per distinct series ever seen
 (the series cache is never shrunk).

@@ -39,11 +39,20 @@ class Drops:
 
     def __call__(self, rows: int, reason: str) -> None:
         self.count += rows
-        unreported = self._unreported.get(reason, 0) + rows
+        self._unreported[reason] = self._unreported.get(reason, 0) + rows
+        self._report(reason, time.monotonic())
+
+    def report(self, force: bool = False) -> None:
+        """Log the drops not reported yet whose reason was last logged a minute ago (every
+        one when `force`, at close): each dropped row is in some line of the log, not only
+        the first batch of each minute."""
         now = time.monotonic()
-        if now - self._logged_at.get(reason, -math.inf) >= DROP_LOG_INTERVAL_S:
+        for reason in [r for r, rows in self._unreported.items() if rows]:
+            self._report(reason, now, force)
+
+    def _report(self, reason: str, now: float, force: bool = False) -> None:
+        if force or now - self._logged_at.get(reason, -math.inf) >= DROP_LOG_INTERVAL_S:
             self._logged_at[reason] = now
-            self._log.error("%s: dropped %d row(s) (%d in all): %s", self._name, unreported,
-                            self.count, reason)
-            unreported = 0
-        self._unreported[reason] = unreported
+            self._log.error("%s: dropped %d row(s) (%d in all): %s", self._name,
+                            self._unreported[reason], self.count, reason)
+            self._unreported[reason] = 0

@@ -32,6 +32,11 @@ class WriterOptions:
         the side-by-side benchmark against the reference collector.  That table has no
         batch ids: a batch whose commit outcome was lost may be written twice.
     connect_timeout_s / command_timeout_s: bounds of one connection attempt / statement.
+    batch_timeout_s: bound of one batch's whole delivery (series look-up, partitions, BEGIN,
+        COPY, COMMIT).  A link that hangs instead of failing (a firewall dropping packets,
+        a dead switch) once kept BEGIN/COMMIT waiting forever, the writer "online" and the
+        rows in memory; past this deadline the batch goes to the spool, the writer says it
+        is offline and reconnects.  A normal 10,000-row batch takes about 50 ms.
     """
 
     queue_max_rows: int = 200_000
@@ -45,6 +50,7 @@ class WriterOptions:
     fsync_interval_s: float = 1.0
     connect_timeout_s: float = 10.0
     command_timeout_s: float = 60.0
+    batch_timeout_s: float = 20.0
     db_schema: str = "kwollect"
 
     @classmethod
@@ -62,6 +68,8 @@ class WriterOptions:
                    spool_dir=spool_dir or None,
                    spool_max_bytes=int(float(conf["spool_max_mb"]) * (1 << 20)),
                    retry_max_s=float(conf["retry_max_s"]),
+                   batch_timeout_s=float(conf.get("db_batch_timeout_s",
+                                                  _DEFAULT.batch_timeout_s)),
                    db_schema=str(conf.get("db_schema", _DEFAULT.db_schema)))
 
 
@@ -76,8 +84,10 @@ WRITER_DEFAULTS: dict[str, Any] = {
     "db_pool_size": _DEFAULT.pool_size,
     "retry_max_s": _DEFAULT.retry_max_s,
     "close_timeout_s": CLOSE_TIMEOUT_S,
+    "db_batch_timeout_s": _DEFAULT.batch_timeout_s,
     "db_schema": _DEFAULT.db_schema,
 }
 """Option names and defaults for the collectors' command lines: `WriterOptions.from_conf`
-reads them (spool_max_mb in MiB, db_pool_size = pool_size); close_timeout_s is what the
+reads them (spool_max_mb in MiB, db_pool_size = pool_size, db_batch_timeout_s =
+batch_timeout_s); close_timeout_s is what the
 collector gives `Writer.close` when it stops."""

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from kwollect.logutil import RateLimitedLog
+from kwollect.logutil import RateLimitedLog, excerpt
 from kwollect.model import Reading
 from kwollect.store.writer.faults import describe, is_data_error
 
@@ -89,8 +89,9 @@ class SeriesCache:
             handle = self.handle_for(*series_identity(device_id, metric_id, labels))
         except ValueError as exc:
             handle = REJECTED
-            self._rate_log.error(("identity", str(exc)[:60]), "%s: readings of %r / %r "
-                                 "cannot be stored: %s", self._name, device_id, metric_id, exc)
+            self._rate_log.error(("identity", str(exc)[:60]), "%s: readings of %s / %s "
+                                 "cannot be stored: %s", self._name, excerpt(repr(device_id)),
+                                 excerpt(repr(metric_id)), excerpt(exc))
         if len(self._fast) >= FAST_CACHE_MAX:
             self._fast.clear()
             self._fast_refs.clear()
@@ -133,8 +134,8 @@ class SeriesCache:
                     await self.resolve(conn, [handle], timeout)
                 return
             self.sids[handles[0]] = REJECTED
-            self._log.error("%s: the database refused the series %r: %s", self._name,
-                            identities[0], describe(exc))
+            self._log.error("%s: the database refused the series %s: %s", self._name,
+                            excerpt(repr(identities[0]), 300), excerpt(describe(exc), 300))
             return
         if sids is None or len(sids) != len(handles) or None in sids:
             raise RuntimeError(f"kwollect.series_ids returned {len(sids or ())} ids for "

@@ -22,6 +22,7 @@ from kwollect.store.writer.series import Identity
 _HEAD = struct.Struct("<16sII")  # batch id, rows, series
 _SERIES = struct.Struct("<IIII")  # handle, then the lengths of device, metric, labels
 _BIG_ENDIAN = sys.byteorder == "big"
+ROW_BYTES = 8 + 8 + 4
 
 DECODE_ERRORS = (ValueError, KeyError, struct.error)
 """What `decode_record` raises for a record that is not one it wrote."""
@@ -42,6 +43,17 @@ def encode_record(batch: Batch, identity_of: Callable[[int], Identity]) -> bytes
                   device_id, metric_id, labels]
     parts += [ts.tobytes(), values.tobytes(), handles.tobytes()]
     return b"".join(parts)
+
+
+def row_count(payload: bytes, length: int) -> int | None:
+    """The rows a record of `length` bytes says it holds, read from what is left of its
+    payload; None when the header is gone or the count cannot fit in `length` bytes."""
+    if len(payload) < _HEAD.size:
+        return None
+    _, nrows, nseries = _HEAD.unpack_from(payload)
+    if _HEAD.size + nseries * _SERIES.size + nrows * ROW_BYTES > length:
+        return None
+    return nrows
 
 
 def decode_record(payload: bytes, handle_for: Callable[[str, str, str], int],

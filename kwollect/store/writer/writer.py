@@ -14,7 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from kwollect.logutil import RateLimitedLog
+from kwollect.errors import TargetTimeout
+from kwollect.logutil import RateLimitedLog, excerpt
 from kwollect.model import Reading
 from kwollect.store.spool import Spool
 from kwollect.store.writer.batching import ENCODE_ERRORS, Batch, BatchQueue, us_to_datetime
@@ -28,7 +29,12 @@ from kwollect.store.writer.faults import Drops, describe, is_data_error
 from kwollect.store.writer.options import CLOSE_TIMEOUT_S, WriterOptions
 from kwollect.store.writer.partitions import PartitionCache
 from kwollect.store.writer.series import REJECTED, SeriesCache
-from kwollect.store.writer.spool_codec import DECODE_ERRORS, decode_record, encode_record
+from kwollect.store.writer.spool_codec import (
+    DECODE_ERRORS,
+    decode_record,
+    encode_record,
+    row_count,
+)
 
 log = logging.getLogger("kwollect.store.writer")
 
@@ -59,8 +65,12 @@ class Writer:
         self._log = logger
         self._rate_log = RateLimitedLog(logger)
         self._queue_max = opts.queue_max_rows
-        self._spool = (Spool(opts.spool_dir, opts.spool_max_bytes, logger)
+        self._spool = (Spool(opts.spool_dir, opts.spool_max_bytes, logger,
+                             on_damaged=self._damaged_record)
                        if opts.spool_dir else None)
+        self._lost_records = 0
+        """Spool records lost without a readable row count (their rows are not in
+        `dropped`): damaged beyond their header."""
         self._drop = Drops(name, logger)
         self._series = SeriesCache(name, logger, self._rate_log)
         self._queue = BatchQueue(opts.batch_max_rows, self._series, self._drop,
@@ -150,6 +160,7 @@ class Writer:
                 self._park(self._queue.pop_ready())
             if self._spool is not None:
                 self._spool.close()
+            self._drop.report(force=True)
             stats = self.stats()
             level = logging.WARNING if stats["dropped"] else logging.INFO
             self._log.log(level, "%s closed: %d rows submitted, %d inserted (%d replayed), "
@@ -175,6 +186,8 @@ class Writer:
             "spool_bytes": spool.size_bytes if spool else 0,
             "spool_batches": spool.records if spool else 0,
             "spool_corrupt_records": spool.corrupt_records if spool else 0,
+            "spool_lost_records": self._lost_records + (spool.unreadable_records if spool
+                                                        else 0),
             "series_cached": self._series.cached,
             "online": not self._offline,
             "last_error": self._last_error,
@@ -209,6 +222,7 @@ class Writer:
                 self._log.exception("%s: unexpected error while batching", self._name)
             if now >= next_cut:
                 next_cut = now + interval
+                self._drop.report()
             if self._spool is not None and now >= next_sync:
                 next_sync = now + self._opts.fsync_interval_s
                 job = self._spool.detach_sync()
@@ -314,9 +328,24 @@ class Writer:
                 return decode_record(payload, self._series.handle_for, ref)
             except DECODE_ERRORS as exc:
                 self._log.error("%s: spool record in %s cannot be decoded (%s): skipped",
-                                self._name, ref.segment.path, exc)
+                                self._name, ref.segment.path, excerpt(exc))
                 spool.done(ref)
+                self._lost(row_count(payload, len(payload)), "a spool record that cannot be "
+                                                             "decoded")
         return None
+
+    def _damaged_record(self, payload: bytes, length: int) -> None:
+        """A torn or corrupt spool record was skipped (the spool logged where)."""
+        self._lost(row_count(payload, length), "a torn or corrupt spool record")
+
+    def _lost(self, rows: int | None, what: str) -> None:
+        if rows is None:
+            self._lost_records += 1
+            self._rate_log.error(("lost-record", what), "%s: %s held an unknown number of "
+                                 "rows (%d such record(s) in all)", self._name, what,
+                                 self._lost_records)
+        else:
+            self._drop(rows, what)
 
     # --- sending -------------------------------------------------------------------------
 
@@ -350,7 +379,7 @@ class Writer:
                 try:
                     if conn is None or conn.is_closed():
                         conn = await self._connect()
-                    await self._deliver(conn, batch)
+                    await self._deliver_in_time(conn, batch)
                 except asyncio.CancelledError:
                     queue.inflight_rows -= rows
                     if conn is not None:
@@ -424,6 +453,16 @@ class Writer:
             self._log.warning("%s: database available again%s", self._name,
                               "" if self._spool is None or self._spool.is_empty() else
                               f"; replaying {self._spool.records} spooled batch(es)")
+
+    async def _deliver_in_time(self, conn: asyncpg.Connection, batch: Batch) -> None:
+        """`_deliver` within batch_timeout_s: a hung link ends as a TargetTimeout."""
+        limit = self._opts.batch_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await self._deliver(conn, batch)
+        except TimeoutError as exc:
+            raise TargetTimeout(f"no answer from the database within {limit:g} s "
+                                "(db_batch_timeout_s): the link or the server hangs") from exc
 
     async def _deliver(self, conn: asyncpg.Connection, batch: Batch) -> None:
         if self._reference:
