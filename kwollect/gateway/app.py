@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib.metadata import version as package_version
@@ -30,7 +32,8 @@ from kwollect.gateway.auth import Authenticator, Identity
 from kwollect.gateway.catalog import Call, Catalog, Shape, load_catalog, quote_ident
 from kwollect.gateway.errors import ApiError, from_postgres, unavailable
 from kwollect.gateway.formats import DELIMITER, QUOTE, Format, Framing, negotiate
-from kwollect.logutil import RateLimitedLog
+from kwollect.gateway.limits import check_headers, check_json_depth, too_large
+from kwollect.logutil import RateLimitedLog, RateLimitFilter, excerpt
 from kwollect.options import OptionError
 
 log = logging.getLogger("kwollect.api")
@@ -44,6 +47,13 @@ COALESCE_AFTER = 256 * 1024
 COALESCE_BYTES = 32 * 1024
 COALESCE_WAIT_S = 0.002
 RELOAD_ON_MISS_S = 5.0
+PRIVILEGE_CACHE_S = 60.0
+PRIVILEGE_CACHE_MAX = 10_000
+# A response the client reads slower than the database produces it goes to a spool (in
+# memory up to SPOOL_MEMORY, then a temporary file), so the database connection is
+# released when the query ends, not when the slowest client has read everything.
+SPOOL_MEMORY = 1024 * 1024
+SPOOL_CHUNK = 256 * 1024
 RETRY_CATALOG_S = 2.0
 HEALTH_TIMEOUT_S = 2.0
 SESSION = {"application_name": "kwollect-api", "TimeZone": "UTC", "DateStyle": "ISO, YMD"}
@@ -59,6 +69,10 @@ class StreamBroken(Exception):
         self.response = response
 
 
+class ClientStalled(ConnectionError):
+    """The client did not read its response for send_timeout seconds: it is cut off."""
+
+
 class ClientGone(Exception):
     """The client closed the connection while its response was being written."""
 
@@ -71,11 +85,21 @@ class ResultStream:
     """Receives COPY chunks, encodes them, holds the first bytes, then streams."""
 
     def __init__(self, request: web.Request, fmt: Format, framing: Framing | None,
-                 hold_bytes: int) -> None:
+                 hold_bytes: int, send_timeout: float = 30.0,
+                 spool_bytes: int = 256 << 20) -> None:
         self.request = request
         self.fmt = fmt
         self.framing = framing
         self.hold_bytes = hold_bytes
+        self.send_timeout = send_timeout
+        self.spool_bytes = spool_bytes
+        self.on_stall: Callable[[], None] | None = None
+        self._spool: tempfile.SpooledTemporaryFile | None = None
+        self._spooled = 0
+        self._read_at = 0
+        self._write_at = 0
+        self._room = asyncio.Event()
+        self._drainer: asyncio.Task | None = None
         self.response: web.StreamResponse | None = None
         self.pending: list[bytes] = []
         self.pending_size = 0
@@ -113,10 +137,80 @@ class ResultStream:
         data = b"".join(self.pending)
         self.pending.clear()
         self.pending_size = 0
-        if data:
-            self.sent += len(data)
-            assert self.response is not None
-            await self.response.write(data)
+        if not data:
+            return
+        self.sent += len(data)
+        protocol = self.request.protocol
+        if self._spooled == 0 and not self._draining and protocol is not None \
+                and not protocol.writing_paused:
+            await self._write(data)
+        else:
+            await self._to_spool(data)
+
+    @property
+    def _draining(self) -> bool:
+        return self._drainer is not None and not self._drainer.done()
+
+    async def _write(self, data: bytes) -> None:
+        """Send, or cut the connection when the client accepts nothing for send_timeout."""
+        assert self.response is not None
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self.response.write(data)
+        except TimeoutError:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise ClientStalled(f"the client read nothing for {self.send_timeout:g} s") \
+                from None
+
+    async def _to_spool(self, data: bytes) -> None:
+        if self._spool is None:
+            # closed by close(), when the response ends
+            self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
+        while self._spooled and self._spooled + len(data) > self.spool_bytes:
+            # the spool is full: wait for the client (the connection is held meanwhile)
+            self._room.clear()
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await self._room.wait()
+            except TimeoutError:
+                raise ClientStalled("the client read too slowly") from None
+            if self.failure is not None:
+                raise self.failure
+        self._spool.seek(self._write_at)
+        self._spool.write(data)
+        self._write_at += len(data)
+        self._spooled += len(data)
+        if not self._draining:
+            self._drainer = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self._spool is not None
+        try:
+            while self._spooled:
+                self._spool.seek(self._read_at)
+                chunk = self._spool.read(min(self._spooled, SPOOL_CHUNK))
+                self._read_at += len(chunk)
+                self._spooled -= len(chunk)
+                self._room.set()
+                await self._write(chunk)
+            self._spool.seek(0)
+            self._spool.truncate()
+            self._read_at = self._write_at = 0
+        except (ConnectionError, OSError) as exc:
+            self.failure = exc if isinstance(exc, ConnectionError) else ConnectionError(exc)
+            self._room.set()
+            if self.on_stall is not None:
+                self.on_stall()
+            raise
+
+    def close(self) -> None:
+        """Drop the spool (and its drainer) of a response that will not complete."""
+        if self._draining:
+            assert self._drainer is not None
+            self._drainer.cancel()
+        if self._spool is not None:
+            self._spool.close()
 
     def _tail(self) -> bytes:
         if self.framing is None:
@@ -130,7 +224,13 @@ class ResultStream:
             self.sent = len(body)
             return web.Response(body=body, headers={"Content-Type": self.fmt.value})
         await self._flush()
+        while self._draining:
+            assert self._drainer is not None
+            await self._drainer
+        if self.failure is not None:
+            raise self.failure
         await self.response.write_eof()
+        self.close()
         return self.response
 
 
@@ -189,6 +289,9 @@ class Gateway:
         self.pool: asyncpg.Pool | None = None
         self.catalog: Catalog | None = None
         self._loaded_at = 0.0
+        self._miss_reload_at = 0.0
+        self._miss_reload: asyncio.Task | None = None
+        self._allowed: dict[tuple[str, str, str], tuple[bool, float]] = {}
         self._reload_lock = asyncio.Lock()
         self._retry_task: asyncio.Task | None = None
         self._faults = RateLimitedLog(log)
@@ -226,6 +329,7 @@ class Gateway:
             self._faults.forget("catalog")
             self.catalog = catalog
             self._loaded_at = time.monotonic()
+            self._allowed.clear()
         for reason in catalog.skipped:
             log.warning("not served: %s", reason)
         log.info("schema cache: %d functions in %s", len(catalog),
@@ -233,7 +337,8 @@ class Gateway:
         return True
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_body_bytes,
+        # bodies are read by _read_body, with the caller's limit
+        app = web.Application(client_max_size=self.settings.max_body_bytes + 1,
                               middlewares=[self._middleware])
         app.router.add_get("/", self.root, allow_head=False)
         app.router.add_get("/health", self.health, allow_head=False)
@@ -251,10 +356,13 @@ class Gateway:
         request["role"] = "-"
         response: web.StreamResponse
         try:
+            check_headers(request.headers.items())
             response = await handler(request)
         except ApiError as exc:
             response = web.Response(status=exc.status, body=exc.body(), headers={
                 **exc.headers, "Content-Type": "application/json; charset=utf-8"})
+            if exc.status in (408, 413):
+                response.force_close()  # the rest of the body is not read
         except web.HTTPException as exc:
             error = ApiError(exc.status, f"HTTP{exc.status}", exc.reason,
                              hint="Functions are at /rpc/<name>; GET / lists them.")
@@ -275,7 +383,7 @@ class Gateway:
             self._access(request, 499, started, "cancelled")
             raise
         except Exception:
-            log.exception("%s %s failed", request.method, request.path_qs)
+            log.exception("%s failed", _where(request))
             error = ApiError(500, "PGRSTX00", "Internal error in kwollect-api",
                              hint="See kwollect-api's log.")
             response = web.Response(status=500, body=error.body(), headers={
@@ -290,10 +398,12 @@ class Gateway:
         if not access_log.isEnabledFor(level):
             return
         rows = request.get("rows")
-        access_log.log(level, '%s "%s %s" %d rows=%s bytes=%s %.1fms role=%s%s',
-                       request.remote, request.method, request.path_qs, status,
+        # every value a client chose is escaped: a newline in a path or a role claim must
+        # not forge a log line
+        access_log.log(level, '%s "%s" %d rows=%s bytes=%s %.1fms role=%s%s',
+                       request.remote, _where(request), status,
                        "-" if rows is None else rows, request.get("bytes", "-"),
-                       (time.perf_counter() - started) * 1000, request["role"],
+                       (time.perf_counter() - started) * 1000, excerpt(request["role"], 80),
                        f" {note}" if note else "")
 
     # -- handlers ------------------------------------------------------------------
@@ -337,7 +447,7 @@ class Gateway:
                         "WHERE has_function_privilege(o, 'EXECUTE')",
                         [fn.oid for fn in functions]))
             except asyncpg.PostgresError as exc:
-                raise from_postgres(exc, identity.authenticated) from exc
+                raise self._db_error(request, exc, identity) from exc
         document = openapi.describe([fn for fn in functions if fn.oid in allowed], schema,
                                     self.version)
         return web.Response(body=orjson.dumps(document), headers={
@@ -348,6 +458,9 @@ class Gateway:
             raise ApiError(405, "PGRST101", "Only GET and POST are allowed for functions",
                            headers={"Allow": "GET, POST"})
         name = request.match_info["name"]
+        if not name.isprintable() or len(name) > 63:
+            raise ApiError(404, "PGRST202", "No such function", hint="Call GET / for the list "
+                           "of functions.")
         get = request.method == "GET"
         schema = self._schema(request, "Accept-Profile" if get else "Content-Profile")
         identity = self.auth.identify(request.headers.get("Authorization"))
@@ -364,13 +477,84 @@ class Gateway:
                                f"{schema}.{name} is VOLATILE (it may write): call it with POST",
                                headers={"Allow": "POST"})
         else:
-            call = await self._post_call(request, catalog, schema, name)
+            catalog.resolve_name(schema, name)
+            await self._require_execute(request, identity, catalog, schema, name)
+            body = await self._read_body(request, identity)
+            call = self._post_call(request, body, catalog, schema, name)
+            del body
+        self._check_arguments(call)
         readonly = get or call.function.read_only
         return await self._execute(request, identity, call, fmt, readonly)
 
-    async def _post_call(self, request: web.Request, catalog: Catalog, schema: str,
-                         name: str) -> Call:
-        body = await request.read()
+    async def _require_execute(self, request: web.Request, identity: Identity,
+                               catalog: Catalog, schema: str, name: str) -> None:
+        """Refuse, before the body is read, a function the caller's role cannot execute.
+
+        The answer comes from has_function_privilege, cached PRIVILEGE_CACHE_S per role and
+        function name (and dropped when the schema cache is re-read).
+        """
+        key = (identity.role, schema, name)
+        cached = self._allowed.get(key)
+        now = time.monotonic()
+        if cached is None or now - cached[1] > PRIVILEGE_CACHE_S:
+            oids = [fn.oid for fn in catalog.functions[(schema, name)]]
+            async with self._connection() as conn:
+                try:
+                    allowed = await conn.fetchval(
+                        "SELECT coalesce(bool_or(has_function_privilege($1::text, o, "
+                        "'EXECUTE')), false) FROM unnest($2::oid[]) o", identity.role, oids)
+                except asyncpg.PostgresError as exc:
+                    raise self._db_error(request, exc, identity) from exc
+            if len(self._allowed) >= PRIVILEGE_CACHE_MAX:
+                self._allowed.clear()
+            cached = self._allowed[key] = (bool(allowed), now)
+        if not cached[0]:
+            if identity.authenticated:
+                raise ApiError(403, "42501", f"permission denied for function {name}")
+            raise ApiError(401, "42501", f"permission denied for function {name}",
+                           hint="Send a token (Authorization: Bearer ...) of a role allowed "
+                                "to call it.", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, request: web.Request, identity: Identity) -> bytes:
+        """The body, within the caller's size limit (413) and kwollect-body-timeout (408)."""
+        limit, key = self.settings.max_body_bytes, "kwollect-max-body-bytes"
+        if not identity.authenticated and self.settings.max_anon_body_bytes < limit:
+            limit, key = self.settings.max_anon_body_bytes, "kwollect-max-anon-body-bytes"
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large("The request body", limit, key)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                async for chunk in request.content.iter_chunked(FLUSH_BYTES):
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large("The request body", limit, key)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, "PGRST408", f"The request body did not arrive within "
+                           f"{self.settings.body_timeout:g} s") from None
+        body = b"".join(chunks)
+        chunks.clear()
+        return body
+
+    def _check_arguments(self, call: Call) -> None:
+        """413 for a parameter over kwollect-max-param-bytes (the whole-body argument is
+        bounded by the body limit), 400 for JSON nested deeper than kwollect-max-json-depth."""
+        limit = self.settings.max_param_bytes
+        whole_body = call.function.body_param
+        for arg in call.arguments:
+            text = arg.text
+            if text is None:
+                continue
+            name = arg.param.name or "the body"
+            if not whole_body and len(text) * 4 > limit and len(text.encode()) > limit:
+                raise too_large(f"Parameter {name!r}", limit, "kwollect-max-param-bytes")
+            if arg.param.type.is_json or arg.json_array:
+                check_json_depth(name, text, self.settings.max_json_depth)
+
+    def _post_call(self, request: web.Request, body: bytes, catalog: Catalog, schema: str,
+                   name: str) -> Call:
         media = request.content_type if request.headers.get("Content-Type") else ""
         if media == FORM_MEDIA:
             values = _form_values(body)
@@ -384,6 +568,7 @@ class Gateway:
             text = body.decode()
         except UnicodeDecodeError:
             raise ApiError(400, "PGRST102", "The request body is not UTF-8") from None
+        check_json_depth("the body", text, self.settings.max_json_depth)
         stripped = text.lstrip()
         if not stripped:
             function = catalog.resolve(schema, name, (), body="object")
@@ -424,13 +609,24 @@ class Gateway:
                        fmt: Format, readonly: bool) -> web.StreamResponse:
         function = call.function
         framing = None if fmt is Format.CSV else Framing(function.shape, fmt, function.columns)
-        stream = ResultStream(request, fmt, framing, self.settings.hold_bytes)
+        stream = ResultStream(request, fmt, framing, self.settings.hold_bytes,
+                              self.settings.send_timeout, self.settings.spool_bytes)
         pairs = self._settings(request, identity, call)
         setup = "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)"
                                       for i in range(len(pairs)))
         flat = [item for pair in pairs for item in pair]
+        try:
+            return await self._run(request, identity, call, fmt, readonly, stream, setup, flat)
+        finally:
+            stream.close()
+
+    async def _run(self, request: web.Request, identity: Identity, call: Call, fmt: Format,
+                   readonly: bool, stream: ResultStream, setup: str,
+                   flat: list[str]) -> web.StreamResponse:
+        function = call.function
         async with self._connection() as conn:
             sink = _guarded_sink(conn, stream)
+            stream.on_stall = conn.terminate
             try:
                 async with conn.transaction(readonly=readonly):
                     await conn.fetchval(setup, *flat)
@@ -452,12 +648,16 @@ class Gateway:
                 if stream.failure is not None:
                     raise stream.failure from None
                 if stream.started:
-                    log.error("%s %s failed after %d rows were sent: %s", request.method,
-                              request.path_qs, stream.rows, exc)
+                    log.error("%s failed after %d rows were sent: %s", _where(request),
+                              stream.rows, excerpt(exc, 500))
                     raise StreamBroken(str(exc), stream.response) from exc
                 if isinstance(exc, asyncpg.PostgresError):
-                    raise from_postgres(exc, identity.authenticated) from exc
+                    raise self._db_error(request, exc, identity) from exc
+                self._faults.error("unavailable", "the database cannot be reached: %s",
+                                   excerpt(exc, 500))
                 raise unavailable(exc) from exc
+            finally:
+                stream.on_stall = None
         if function.shape is Shape.VOID:
             return web.Response(status=204)
         request["rows"] = _copy_rows(status)
@@ -471,8 +671,17 @@ class Gateway:
 
     @staticmethod
     def _client_gone(request: web.Request, stream: ResultStream) -> None:
-        log.info("%s %s: client went away after %d rows", request.method, request.path_qs,
-                 stream.rows)
+        log.info("%s: client went away after %d rows (%s)", _where(request), stream.rows,
+                 excerpt(stream.failure or "connection closed", 200))
+
+    def _db_error(self, request: web.Request, exc: asyncpg.PostgresError,
+                  identity: Identity) -> ApiError:
+        """The client's error; the database's own words go to the log when they are hidden."""
+        error = from_postgres(exc, identity.authenticated)
+        if error.status >= 500 or error.code == "54001":
+            log.error("%s: database error %s: %s", _where(request), exc.sqlstate,
+                      excerpt(exc, 500))
+        return error
 
     @staticmethod
     def _note(request: web.Request, stream: ResultStream) -> None:
@@ -489,6 +698,8 @@ class Gateway:
             raise ApiError(504, "PGRST003", "Timed out acquiring connection from connection "
                            "pool.") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._faults.error("unavailable", "the database cannot be reached: %s",
+                               excerpt(exc, 500))
             raise unavailable(exc) from exc
         try:
             yield conn
@@ -514,13 +725,24 @@ class Gateway:
         return self.catalog
 
     async def _catalog_with(self, schema: str, name: str) -> Catalog:
-        """The cache, re-read first (at most every few seconds) when it lacks the function."""
+        """The cache, re-read first when it lacks the function: at most once per
+        RELOAD_ON_MISS_S however many requests miss at once (they share that reload)."""
         catalog = self._catalog()
-        if not catalog.has(schema, name) and \
-                time.monotonic() - self._loaded_at > RELOAD_ON_MISS_S:
-            await self.reload()
-            catalog = self._catalog()
-        return catalog
+        if catalog.has(schema, name):
+            return catalog
+        if self._miss_reload is None or self._miss_reload.done():
+            now = time.monotonic()
+            if now - max(self._loaded_at, self._miss_reload_at) <= RELOAD_ON_MISS_S:
+                return catalog
+            self._miss_reload_at = now
+            self._miss_reload = asyncio.create_task(self.reload())
+        await asyncio.shield(self._miss_reload)
+        return self._catalog()
+
+
+def _where(request: web.Request) -> str:
+    """'METHOD /path?query' for a log line, escaped (the raw target, as the client sent it)."""
+    return excerpt(f"{request.method} {request.raw_path}", 300)
 
 
 def _query_values(request: web.Request) -> dict[str, list[str]]:
@@ -552,13 +774,52 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _raise_file_limit(settings: config.Settings) -> None:
+    """Enough descriptors for max_connections clients, the pool and the spools."""
+    needed = settings.max_connections + 2 * settings.pool_size + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft < needed:
+            log.warning("only %d file descriptors for kwollect-max-connections = %d: raise "
+                        "LimitNOFILE or lower the setting", soft, settings.max_connections)
+
+
+def _cap_connections(server: web.Server, cap: int, faults: RateLimitedLog) -> None:
+    """Close connections beyond `cap` at once, so descriptors never run out."""
+    accept = server.connection_made
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        accept(handler, transport)
+        if len(server.connections) > cap:
+            faults.warning("connection cap", "%d client connections open "
+                           "(kwollect-max-connections): closing new ones", cap)
+            transport.abort()
+
+    setattr(server, "connection_made", connection_made)  # noqa: B010 - instance override
+
+
 async def serve(settings: config.Settings, ready: Callable[[list[str]], None] | None = None
                 ) -> None:
-    """Run until SIGTERM or SIGINT; SIGUSR1 re-reads the schema cache."""
+    """Run until SIGTERM or SIGINT; SIGUSR1 re-reads the schema cache.
+
+    A connection that has not sent a complete request header within kwollect-header-timeout
+    (counted from the connection, or from the end of the previous response) is closed:
+    aiohttp's keep-alive timer, which runs from the start of the connection, does it.
+    """
     gateway = Gateway(settings)
+    _raise_file_limit(settings)
+    for name in ("asyncio", "aiohttp.server", "aiohttp.web", "aiohttp.access"):
+        logging.getLogger(name).addFilter(RateLimitFilter())
     await gateway.start()
-    runner = web.AppRunner(gateway.make_app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(gateway.make_app(), access_log=None, handle_signals=False,
+                           keepalive_timeout=settings.header_timeout)
     await runner.setup()
+    assert runner.server is not None
+    _cap_connections(runner.server, settings.max_connections, gateway._faults)
     site = web.TCPSite(runner, settings.server_host, settings.server_port, reuse_address=True)
     await site.start()
     addresses = []
@@ -592,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(settings))
-    except OSError as exc:
-        print(f"kwollect-api: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"kwollect-api: {excerpt(exc, 300)}", file=sys.stderr)
         return 1
     return 0

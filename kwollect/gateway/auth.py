@@ -1,4 +1,11 @@
-"""Who a request runs as: PostgREST's JWT rules (HS256/384/512, role claim, anonymous role)."""
+"""Who a request runs as: PostgREST's JWT rules (HS256/384/512, role claim, anonymous role).
+
+Decisions (docs/security.md): a token without `exp` is accepted, as PostgREST does (setup
+issues tokens with one unless told --token_expiry_days 0; revoking means rotating the
+secret); `exp` and `nbf` are checked with CLOCK_SKEW_S of leeway; a role claim naming a
+reserved or invalid role ("none" would reset SET ROLE to the gateway's login) is refused;
+claims the database could not be given (integers beyond 64 bits) are refused.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import orjson
 
 from kwollect.gateway.errors import ApiError
+from kwollect.gateway.limits import check_role_name
 
 ALGORITHMS = ["HS256", "HS384", "HS512"]
 CLOCK_SKEW_S = 30
@@ -66,6 +75,8 @@ class Authenticator:
             return Identity(self._anon_role, claims, True)
         if not isinstance(role, str) or not role:
             raise _invalid("The JWT role claim must be a non-empty string")
+        if not check_role_name(role):
+            raise _invalid("The JWT role claim names a reserved or invalid role")
         return Identity(role, claims, True)
 
     def _verify(self, token: str, secret: bytes) -> dict[str, Any]:
@@ -84,8 +95,14 @@ class Authenticator:
             raise _invalid("JWT not yet valid") from None
         except jwt.InvalidTokenError as exc:
             raise _invalid(f"Invalid JWT: {exc}") from None
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            raise _invalid("Invalid JWT: malformed claims") from None
         if not isinstance(claims, dict):
             raise _invalid("The JWT claims must be a JSON object")
+        try:
+            orjson.dumps(claims)
+        except (orjson.JSONEncodeError, TypeError):
+            raise _invalid("Invalid JWT: a claim holds a number beyond 64 bits") from None
         if self._audience is not None and "aud" in claims:
             audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
             if self._audience not in audiences:

@@ -311,6 +311,15 @@ class Catalog:
     def has(self, schema: str, name: str) -> bool:
         return (schema, name) in self.functions
 
+    def resolve_name(self, schema: str, name: str) -> list[Function]:
+        """The overloads of schema.name; 404 when there is none."""
+        overloads = self.functions.get((schema, name))
+        if not overloads:
+            raise ApiError(404, "PGRST202",
+                           f"Could not find the function {schema}.{name} in the schema cache",
+                           hint="Call GET / for the list of functions.")
+        return overloads
+
     def resolve(self, schema: str, name: str, keys: Iterable[str], *,
                 body: str | None = None) -> Function:
         """The overload a request means, chosen like PostgREST chooses it.
@@ -318,11 +327,7 @@ class Catalog:
         `keys` are the argument names sent; `body` is "object" or "array" for a JSON body,
         so that a function with a single unnamed json parameter can take it whole.
         """
-        overloads = self.functions.get((schema, name))
-        if not overloads:
-            raise ApiError(404, "PGRST202",
-                           f"Could not find the function {schema}.{name} in the schema cache",
-                           hint="Call GET / for the list of functions.")
+        overloads = self.resolve_name(schema, name)
         sent = frozenset(keys)
         named = [fn for fn in overloads if not fn.body_param
                  and sent <= fn.names and fn.required <= sent]

@@ -30,7 +30,10 @@ POSTGREST_KEYS = {
 }
 OWN_KEYS = {
     "kwollect-max-rows", "kwollect-max-body-bytes", "kwollect-jwt-secret-file",
-    "kwollect-db-password-file", "kwollect-hold-bytes",
+    "kwollect-db-password-file", "kwollect-hold-bytes", "kwollect-max-anon-body-bytes",
+    "kwollect-max-param-bytes", "kwollect-max-json-depth", "kwollect-header-timeout",
+    "kwollect-body-timeout", "kwollect-send-timeout", "kwollect-max-connections",
+    "kwollect-spool-bytes",
 }
 DEFAULTS: dict[str, Any] = {
     "db-uri": "postgresql://",
@@ -51,6 +54,16 @@ DEFAULTS: dict[str, Any] = {
     "kwollect-jwt-secret-file": "",
     "kwollect-db-password-file": "",
     "kwollect-hold-bytes": 256 * 1024,
+    # Request bounds (docs/gateway.md, "Limits"): anonymous callers only read, so 1 MiB
+    # of body is plenty; writers send batches of rows up to kwollect-max-body-bytes.
+    "kwollect-max-anon-body-bytes": 1024 * 1024,
+    "kwollect-max-param-bytes": 1024 * 1024,
+    "kwollect-max-json-depth": 64,
+    "kwollect-header-timeout": 10,
+    "kwollect-body-timeout": 60,
+    "kwollect-send-timeout": 30,
+    "kwollect-max-connections": 1000,
+    "kwollect-spool-bytes": 256 * 1024 * 1024,
 }
 LOG_LEVELS = {"crit": logging.CRITICAL, "critical": logging.CRITICAL, "error": logging.ERROR,
               "warn": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO,
@@ -76,6 +89,14 @@ class Settings:
     max_body_bytes: int
     hold_bytes: int
     log_level: int
+    max_anon_body_bytes: int = DEFAULTS["kwollect-max-anon-body-bytes"]
+    max_param_bytes: int = DEFAULTS["kwollect-max-param-bytes"]
+    max_json_depth: int = DEFAULTS["kwollect-max-json-depth"]
+    header_timeout: float = DEFAULTS["kwollect-header-timeout"]
+    body_timeout: float = DEFAULTS["kwollect-body-timeout"]
+    send_timeout: float = DEFAULTS["kwollect-send-timeout"]
+    max_connections: int = DEFAULTS["kwollect-max-connections"]
+    spool_bytes: int = DEFAULTS["kwollect-spool-bytes"]
     app_settings: dict[str, str] = field(default_factory=dict)
 
 
@@ -169,6 +190,33 @@ def _listen_host(value: str) -> str | None:
             "*": None, "!": None}.get(value, value)
 
 
+_URI_PORT = re.compile(r"(?:^|[?&])port=([^&]*)")
+
+
+def _bad_port(text: str) -> bool:
+    return not all(part.isdigit() and 0 < int(part) <= 65535 for part in text.split(","))
+
+
+def check_db_ports(uri: str) -> None:
+    """A one-line error for a db-uri whose port is not 1-65535 (asyncpg raised ValueError
+    with a traceback).  The URI itself is never repeated: it may hold a password."""
+    ports: list[str] = []
+    if "://" in uri:
+        rest = uri.split("://", 1)[1]
+        hosts = re.split(r"[/?]", rest.rsplit("@", 1)[-1] if "@" in rest.split("/", 1)[0]
+                         else rest, maxsplit=1)[0]
+        for host in hosts.split(","):
+            if ":" in host and not host.endswith("]"):
+                ports.append(host.rsplit(":", 1)[1])
+        ports += _URI_PORT.findall(uri.split("?", 1)[1]) if "?" in uri else []
+    else:
+        ports += [item.partition("=")[2].strip("'") for item in uri.split()
+                  if item.startswith("port=")]
+    for port in ports:
+        if port and _bad_port(port):
+            raise OptionError(f"db-uri: invalid port {port[:20]!r} (expected 1-65535)")
+
+
 def build_settings(conf: Mapping[str, Any]) -> Settings:
     """Validate merged raw values (file, environment, command line) into Settings."""
     env = os.environ
@@ -181,6 +229,7 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
     db_uri = str(values["db-uri"])
     if db_uri.startswith("@"):
         db_uri = _read_secret(db_uri[1:], "db-uri")
+    check_db_ports(db_uri)
     password = None
     if values["kwollect-db-password-file"]:
         password = _read_secret(str(values["kwollect-db-password-file"]),
@@ -232,6 +281,14 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
         max_body_bytes=_as_int(values, "kwollect-max-body-bytes", 1),
         hold_bytes=_as_int(values, "kwollect-hold-bytes"),
         log_level=level,
+        max_anon_body_bytes=_as_int(values, "kwollect-max-anon-body-bytes"),
+        max_param_bytes=_as_int(values, "kwollect-max-param-bytes", 1),
+        max_json_depth=_as_int(values, "kwollect-max-json-depth", 1),
+        header_timeout=float(_as_int(values, "kwollect-header-timeout", 1)),
+        body_timeout=float(_as_int(values, "kwollect-body-timeout", 1)),
+        send_timeout=float(_as_int(values, "kwollect-send-timeout", 1)),
+        max_connections=_as_int(values, "kwollect-max-connections", 1),
+        spool_bytes=_as_int(values, "kwollect-spool-bytes"),
         app_settings={k: str(v) for k, v in values.items() if k.startswith("app.settings.")},
     )
 
@@ -256,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
                    help="file holding the JWT secret (instead of jwt-secret)")
     p.add_argument("--db-password-file", dest="kwollect-db-password-file",
                    help="file holding the database password (overrides db-uri's)")
+    p.add_argument("--max-connections", type=int, dest="kwollect-max-connections",
+                   help="open client connections at most (default 1000; more are closed "
+                        "at once)")
     p.add_argument("--log-level", help="crit, error, warn, info (access log, default) or debug")
     return p
 

@@ -65,11 +65,22 @@ def _pgrst_raise(exc: asyncpg.PostgresError) -> ApiError:
 
 
 def from_postgres(exc: asyncpg.PostgresError, authenticated: bool) -> ApiError:
-    """The client's view of a database error raised while serving a request."""
+    """The client's view of a database error raised while serving a request.
+
+    Server-side failures (5xx, other than those a function raises on purpose with a PTxxx
+    SQLSTATE) are answered without the database's message, detail and hint: they name
+    internal objects ('tuple (1,39) in relation "series"'); the caller logs them.
+    """
     sqlstate = exc.sqlstate or "XX000"
     if sqlstate == "PGRST":
         return _pgrst_raise(exc)
+    if sqlstate == "54001":  # stack depth limit exceeded: the input nests too deeply
+        return ApiError(400, sqlstate, "The request is too complex (too deeply nested) for "
+                        "the database", hint="Send flatter JSON values.")
     status = status_for_sqlstate(sqlstate, authenticated)
+    if status >= 500 and not sqlstate.startswith("PT"):
+        return ApiError(status, sqlstate, f"Database error (SQLSTATE {sqlstate})",
+                        hint="The details are in kwollect-api's log.")
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return ApiError(status, sqlstate, exc.message or str(exc),
                     getattr(exc, "detail", None) or None, getattr(exc, "hint", None) or None,
@@ -77,6 +88,6 @@ def from_postgres(exc: asyncpg.PostgresError, authenticated: bool) -> ApiError:
 
 
 def unavailable(exc: BaseException) -> ApiError:
-    """The database cannot be reached (PGRST001, 503)."""
+    """The database cannot be reached (PGRST001, 503); its address stays in the log."""
     return ApiError(503, "PGRST001", "Database client error. Retrying the connection.",
-                    details=f"{type(exc).__name__}: {exc}")
+                    details=type(exc).__name__)
