@@ -222,3 +222,15 @@ async def test_sessions_run_without_jit_and_with_timeouts(kwdb):
             assert await conn.fetchval("SHOW statement_timeout") == "5min"
         finally:
             await conn.close()
+
+
+async def test_second_database_keeps_the_gateway_login(kwdb):
+    """Roles belong to the cluster: setting up another kwollect database on the same server
+    must not change the gateway login's password under the first database's gateway."""
+    from kwollect.store.setupdb import setup
+    from tests.fixtures.kwdb import setup_conf
+
+    config, _ = await setup(setup_conf(kwdb.cluster, kwollect_db_name="kwdb_second_site"))
+    assert f":{kwdb.api_password}@" in config
+    conn = await kwdb.connect("kwuser_api")
+    await conn.close()

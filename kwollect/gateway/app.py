@@ -550,7 +550,7 @@ class Gateway:
             name = arg.param.name or "the body"
             if not whole_body and len(text) * 4 > limit and len(text.encode()) > limit:
                 raise too_large(f"Parameter {name!r}", limit, "kwollect-max-param-bytes")
-            if arg.param.type.is_json or arg.json_array:
+            if (arg.param.type.is_json or arg.json_array) and not whole_body:
                 check_json_depth(name, text, self.settings.max_json_depth)
 
     def _post_call(self, request: web.Request, body: bytes, catalog: Catalog, schema: str,
@@ -564,11 +564,11 @@ class Gateway:
                 and body.strip():
             raise ApiError(415, "PGRST107", f"Content-Type not acceptable: {media}",
                            hint="Send application/json.")
+        check_json_depth("the body", body, self.settings.max_json_depth)
         try:
             text = body.decode()
         except UnicodeDecodeError:
             raise ApiError(400, "PGRST102", "The request body is not UTF-8") from None
-        check_json_depth("the body", text, self.settings.max_json_depth)
         stripped = text.lstrip()
         if not stripped:
             function = catalog.resolve(schema, name, (), body="object")

@@ -42,7 +42,7 @@ def json_too_deep(text: str | bytes, limit: int) -> bool:
     return _EMPTY_PAIR.search(data) is not None
 
 
-def check_json_depth(name: str, text: str, limit: int) -> None:
+def check_json_depth(name: str, text: str | bytes, limit: int) -> None:
     if json_too_deep(text, limit):
         raise ApiError(400, "PGRST102", f"{name} nests JSON more than {limit} levels deep",
                        hint=f"kwollect-api accepts JSON nested at most {limit} levels "

@@ -8,8 +8,12 @@ a view that a scheduler integration installed.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -228,17 +232,75 @@ async def set_timeouts(conn: asyncpg.Connection, conf: dict[str, Any],
             await conn.execute(statement)
 
 
-async def api_login_password(conn: asyncpg.Connection, roles: dict[str, str]) -> str:
+def password_matches(verifier: str | None, password: str, role: str) -> bool:
+    """Whether `password` is the one pg_authid keeps as `verifier` (SCRAM-SHA-256 or md5)."""
+    if not verifier:
+        return False
+    if verifier.startswith("md5"):
+        digest = hashlib.md5((password + role).encode(), usedforsecurity=False).hexdigest()
+        return hmac.compare_digest(verifier, "md5" + digest)
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", verifier)
+    if not match:
+        return False
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(match[2]),
+                                 int(match[1]))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return hmac.compare_digest(hashlib.sha256(client_key).digest(), base64.b64decode(match[3]))
+
+
+async def _password_kept_elsewhere(conn: asyncpg.Connection, connect: dict[str, Any],
+                                   role: str, verifier: str) -> str | None:
+    """The gateway login's password as another kwollect database of the cluster keeps it.
+
+    Roles belong to the cluster, passwords are kept per database: a second kwollect
+    database set up on the same server must reuse the first one's, or its setup would lock
+    the first database's gateway out.
+    """
+    for (name,) in await conn.fetch("SELECT datname FROM pg_database "
+                                    "WHERE datallowconn AND NOT datistemplate"):
+        try:
+            other = await asyncpg.connect(database=name, **connect)
+        except (OSError, asyncpg.PostgresError):
+            continue
+        try:
+            if await other.fetchval(
+                    "SELECT count(*) FROM information_schema.columns WHERE table_schema = "
+                    "'kwollect' AND table_name = 'api_secret' AND column_name = 'api_password'"):
+                kept = await other.fetchval("SELECT api_password FROM kwollect.api_secret")
+                if kept and password_matches(verifier, kept, role):
+                    return kept
+        finally:
+            await other.close()
+    return None
+
+
+async def api_login_password(conn: asyncpg.Connection, roles: dict[str, str],
+                             connect: dict[str, Any]) -> str:
     """The gateway login's password: random, kept next to the JWT secret, set on the role.
 
     Kept so that re-running setup does not lock out a gateway started with the last
     configuration; readable by the owner (and superusers) only.
     """
+    role = roles["api_role"]
     await conn.execute("ALTER TABLE kwollect.api_secret ADD COLUMN IF NOT EXISTS api_password text")
-    await conn.execute("UPDATE kwollect.api_secret SET api_password = $1 "
-                       "WHERE api_password IS NULL", secrets.token_urlsafe(32))
-    password = await conn.fetchval("SELECT api_password FROM kwollect.api_secret")
-    await _set_password(conn, roles["api_role"], password)
+    kept = await conn.fetchval("SELECT api_password FROM kwollect.api_secret")
+    try:
+        verifier = await conn.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                                       role)
+    except asyncpg.InsufficientPrivilegeError:  # an administrator that is not superuser
+        verifier = None
+    if kept and password_matches(verifier, kept, role):
+        return kept
+    password = await _password_kept_elsewhere(conn, connect, role, verifier) \
+        if verifier else None
+    if password is None:
+        password = kept or secrets.token_urlsafe(32)
+        if verifier:
+            log.warning("%s had a password no kwollect database knows: it is replaced; "
+                        "rewrite the configuration of API gateways that log in as %s",
+                        role, role)
+        await _set_password(conn, role, password)
+    await conn.execute("UPDATE kwollect.api_secret SET api_password = $1", password)
     return password
 
 
@@ -280,7 +342,7 @@ async def setup(conf: dict[str, Any]) -> tuple[str, str]:
             count = await load_jobmetrics_requests(conn, conf["jobmetrics_requests_path"])
             log.info("loaded %d job metrics requests", count)
         secret = await api_secret(conn, roles["owner_role"])
-        api_password = await api_login_password(conn, roles)
+        api_password = await api_login_password(conn, roles, connect)
     finally:
         await conn.close()
     token = make_token(secret, roles["writer_role"], int(conf["token_expiry_days"]))
