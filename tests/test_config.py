@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 import textwrap
 from pathlib import Path
 
@@ -207,3 +209,44 @@ async def test_reload_with_a_hostile_file_keeps_the_others(tmp_path, caplog):
         assert "nested.yaml: invalid YAML: while increasing flow level" in caplog.text
     finally:
         await kwollector.scheduler.close()
+
+
+def test_ids_longer_than_the_database_takes_are_refused(tmp_path):
+    write(tmp_path, "long.yaml", f"""\
+        - {{name: {"m" * 256}, device_id: d, url: "prometheus://127.0.0.1:9100/"}}
+        - {{name: ok, device_id: {"é" * 255}, url: "prometheus://127.0.0.1:9100/"}}
+    """)
+    result = load_metrics_dir(tmp_path)
+    assert result.errors and "name: 256 characters long, at most 255 allowed" in result.errors[0]
+    assert len(result.errors) == 1
+
+
+FUZZ_BASE = REFERENCE_FILE + """\
+- name: pdu_outlet_power_watt
+  device_id: node-2
+  url: "snmp://public@127.0.0.1:1161/1.3.6.1.4.1.534.6.6.7.6.5.1.3.0.2"
+  optional: true
+  labels: {_device_alias: node-2, rack: "r1"}
+"""
+
+
+def test_fuzzed_description_files_end_as_errors_never_exceptions(tmp_path):
+    """600 mutations of a valid file (seeded): each loads or is a ConfigError-style error
+    naming the file, and anything loaded is something the database can store."""
+    rng = random.Random(16)
+    pieces = ["\x00", "\t", "{", "[", "]", "}", ":", "- ", "&a", "*a", "!!binary", "\udc80",
+              "1e400", ".nan", "\n  ", '"', "\\", "é", "\x85", "\u2028", "? "]
+    for n in range(600):
+        text = list(FUZZ_BASE)
+        for _ in range(rng.randint(1, 8)):
+            where = rng.randrange(len(text))
+            text[where] = rng.choice(pieces) if rng.random() < 0.7 else ""
+        path = tmp_path / f"f{n}.yaml"
+        path.write_bytes("".join(text).encode("utf-8", "surrogatepass"))
+        result = load_metrics_dir(tmp_path)
+        path.unlink()
+        assert all(e.startswith(str(path)) for e in result.errors), result.errors
+        "\n".join(result.errors).encode("utf-8")
+        for d in result.descriptions:
+            assert "\x00" not in d.name + d.device_id and len(d.name) <= 255
+            assert d.scale_factor is None or math.isfinite(d.scale_factor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import struct
 import time
 
@@ -558,3 +559,43 @@ async def test_values_snmp_cannot_hold_are_refused_one_by_one(scripted_agent, ca
     assert any("Opaque of 2 bytes that is not a float or double" in m for m in refused)
     assert any("type 0x45, which SNMP does not define" in m for m in refused)
     assert any("INTEGER of 13 bytes" in m for m in refused)
+
+
+def test_fuzzed_replies_are_ber_errors_or_values_never_crashes():
+    """1,500 mutated GetResponses (seeded): each is refused as a BerError, or decodes to
+    values a reading can be made of (numbers, bytes, text, Missing, Refused)."""
+    from puresnmp.types import Counter64, Gauge, Opaque, TimeTicks
+
+    oids = [f"1.3.6.1.4.1.99999.5.{n}" for n in range(1, 7)]
+    values = [Integer(-5), OctetString(b"12.5"), Counter64(2 ** 63), Gauge(7), TimeTicks(9),
+              Opaque(b"\x9f\x78\x04" + struct.pack(">f", 2.5))]
+    message = bytes(Sequence([Integer(1), OctetString(b"public"), GetResponse(PDUContent(
+        77, [VarBind(ObjectIdentifier(oid), value) for oid, value in zip(oids, values,
+                                                                           strict=True)]))]))
+    prefix = snmp_codec.message_prefix(1, b"public")
+    oid_tlvs = [snmp_codec.encode_oid(snmp_codec.parse_oid(oid)) for oid in oids]
+    rng = random.Random(16)
+    decoded = 0
+    for _ in range(1500):
+        data = bytearray(message)
+        for _ in range(rng.randint(1, 4)):
+            where = rng.randrange(len(data))
+            choice = rng.random()
+            if choice < 0.6:
+                data[where] = rng.randrange(256)
+            elif choice < 0.8:
+                del data[where]
+            else:
+                data[where:where] = bytes([rng.randrange(256)] * rng.randint(1, 200))
+        try:
+            header = snmp_codec.parse_response_header(bytes(data), prefix)
+            got = snmp_codec.decode_get_values(bytes(data), header, oid_tlvs)
+        except snmp_codec.BerError:
+            continue
+        decoded += 1
+        for value in got:
+            if isinstance(value, int):
+                assert -(2 ** 63) <= value < 2 ** 72 and math.isfinite(float(value))
+            elif not isinstance(value, float):
+                assert isinstance(value, bytes | str | snmp_codec.Missing | snmp_codec.Refused)
+    assert decoded > 20  # the mutations also leave decodable replies

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import subprocess
 import sys
 import time
@@ -304,6 +305,15 @@ def test_lines_of_another_port_count_than_the_stream_are_malformed(version: int)
     assert agg.malformed == 2 and agg.frames == 100
 
 
+def test_a_damaged_first_line_does_not_set_the_port_count() -> None:
+    agg = WattmetreAggregator("wm", 2)
+    lines = gen(ports=4, seconds=1)
+    damaged = lines[0].replace(",OK,", ",OK,1,2,3,4,5,")  # 9 ports, all numeric
+    readings = run(agg, [damaged, *lines[1:]])
+    assert {r.device_id for r in readings} == {f"wm-port{p}" for p in range(4)}
+    assert (agg.malformed, agg.frames) == (1, 49)
+
+
 def test_a_real_change_of_port_count_is_taken_after_a_second() -> None:
     agg = WattmetreAggregator("wm", 2)
     before = gen(ports=2, seconds=1)
@@ -453,3 +463,25 @@ def test_generator_realtime_uses_the_clock() -> None:
     stamps = [parse_v2(line)[0] for line in lines]
     assert len(stamps) == 10 and stamps == sorted(stamps)
     assert before_us <= stamps[0] and stamps[-1] <= after_us
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_fuzzed_streams_never_raise_and_account_for_every_line(version: int) -> None:
+    """1,500 mutated streams per format (seeded): every line is a frame, a not-OK frame or
+    malformed, no series beyond the stream's ports appears, no value is infinite."""
+    base = gen(version=version, ports=4, seconds=1)
+    rng = random.Random(version)
+    pieces = [",", "", "nan", "inf", "-1e309", "OK", "true", "\x00", "9" * 400, "1,2,3,4,5",
+              ".", "-", "١"]
+    for _ in range(1500):
+        lines = list(base[:20])
+        for _ in range(rng.randint(1, 6)):
+            n = rng.randrange(len(lines))
+            fields = lines[n].split(",")
+            fields[rng.randrange(len(fields))] = rng.choice(pieces)
+            lines[n] = ",".join(fields) if rng.random() < 0.9 else lines[n] * 3
+        agg = WattmetreAggregator("wm", version)
+        readings = run(agg, lines)
+        assert agg.lines == agg.frames + agg.not_ok + agg.malformed == len(lines)
+        assert {r.device_id for r in readings} <= {f"wm-port{p}" for p in range(4)}
+        assert all(math.isfinite(r.value) for r in readings)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from kwollect.dev.simulators import free_port
+from kwollect.dev.simulators.tcp_proxy import TcpProxy
 from kwollect.model import Reading
 from kwollect.store.spool import Spool, SpoolError
 from kwollect.store.writer import Writer, WriterOptions, datetime_to_us, us_to_datetime
-from tests.fixtures.tcp_proxy import TcpProxy
 
 T0 = 1_767_225_600_000_000  # 2026-01-01 00:00:00 UTC, in µs
 FAST = {"flush_interval_s": 0.05, "retry_min_s": 0.05, "retry_max_s": 0.3,

@@ -36,8 +36,8 @@ MAX_PERIOD_MS = 7 * 86_400_000
 """A week: longer periods are typos (and 1e300 ms overflows the scheduler's clock)."""
 MAX_LABELS_BYTES = 2000
 """The database refuses a series whose labels take more (sql/020_storage.sql)."""
-MAX_ID_BYTES = 512
-"""name and device_id beyond this cannot be indexed beside their labels."""
+MAX_ID_CHARS = 255
+"""The database refuses longer device and metric ids (kwollect.series_ids)."""
 _INT64 = range(-(1 << 63), 1 << 63)
 SKIPPED_SUFFIXES = ("~", ".swp", ".bak", ".orig", ".dpkg-old", ".dpkg-new", ".dpkg-dist",
                     ".rpmnew", ".rpmsave")
@@ -88,20 +88,20 @@ def description_files(metrics_dir: Path, warnings: list[str] | None = None) -> l
     return files
 
 
-def _text(value: Any, what: str, errors: list[str], max_bytes: int | None = None) -> None:
+def _text(value: Any, what: str, errors: list[str], max_chars: int | None = None) -> None:
     """Errors for a string the database could not store: NUL, lone surrogate, too long."""
     if not isinstance(value, str):
         return
     if "\0" in value:
         errors.append(f"{what}: contains a NUL byte, which the database cannot store")
     try:
-        size = len(value.encode("utf-8"))
+        value.encode("utf-8")
     except UnicodeEncodeError:
         errors.append(f"{what}: contains a lone surrogate (an invalid \\u escape): "
                       "not valid UTF-8")
         return
-    if max_bytes is not None and size > max_bytes:
-        errors.append(f"{what}: {size} bytes long, at most {max_bytes} allowed")
+    if max_chars is not None and len(value) > max_chars:
+        errors.append(f"{what}: {len(value)} characters long, at most {max_chars} allowed")
 
 
 def _period(value: Any, what: str, errors: list[str]) -> int | None:
@@ -137,7 +137,7 @@ def parse_entry(entry: Any, where: str) -> MetricDescription:
             errors.append(f"{where}: {key}: required, a non-empty string")
         else:
             _text(entry[key], f"{where}: {key}", errors,
-                  None if key == "url" else MAX_ID_BYTES)
+                  None if key == "url" else MAX_ID_CHARS)
     update_every = _period(entry.get("update_every", 10_000), f"{where}: update_every", errors)
     optional_every = _period(entry.get("optional_update_every"),
                              f"{where}: optional_update_every", errors)

@@ -48,6 +48,9 @@ _NAN = math.nan
 _MAX_SECONDS_DIGITS = 10  # up to year 2286: rejects glued or garbled timestamps
 MAX_PORTS = 256
 """OmegaWatt wattmetres have up to 48 ports; a frame with more is a damaged line."""
+START_FRAMES = 3
+"""Frames in a row that must agree on the port count at the start (60 ms at 50 Hz), so
+that a damaged first line does not set it."""
 PORT_CHANGE_FRAMES = 50
 """Frames in a row (a second at 50 Hz) with a new port count that make it the stream's."""
 _V3_EXTRA_FIELDS = 11  # timestamp, ok flag, U1-U3 before the port pairs, 6 fields after
@@ -201,7 +204,7 @@ class WattmetreAggregator:
         self._parse = parser_for(version)
         self._expected_ports = ports
         self._ports = ports
-        """The stream's port count: `ports`, else learnt from its first frame."""
+        """The stream's port count: `ports`, else learnt from its first frames."""
         self._other_run: list[tuple[int, Frame]] = []
         self._mapping = dict(mapping or {})
         self._promoted: frozenset[str] = frozenset()
@@ -278,33 +281,39 @@ class WattmetreAggregator:
                                self.wattmetre_id, line, exc)
 
     def _port_count(self, frame: Frame) -> list[Reading]:
-        """A frame of another port count than the stream's (the first frame's, or `ports`).
+        """A frame of another port count than the stream's, or one of the first frames.
 
-        Such a frame is a damaged line (one all-numeric 60 KB line once made 15,004 series
-        out of a 4-port stream), unless the device really changed: `PORT_CHANGE_FRAMES`
-        frames in a row with one new count (a second at 50 Hz) make it the stream's count,
-        and those frames are then kept.  More than `MAX_PORTS` ports is always malformed.
+        The stream's count is `ports` when given (then any other count is malformed), else
+        the count `START_FRAMES` frames in a row agree on at the start.  A frame of another
+        count is a damaged line (one all-numeric 60 KB line once made 15,004 series out of
+        a 4-port stream), unless the device really changed: `PORT_CHANGE_FRAMES` frames in
+        a row with one new count (a second at 50 Hz) make it the stream's count, and those
+        frames are then kept.  More than `MAX_PORTS` ports is always malformed.
         """
         count = len(frame[1])
         if count > MAX_PORTS:
             raise ValueError(f"{count} ports: more than {MAX_PORTS}")
-        if self._ports is None or self._expected_ports is not None:
-            if self._ports is not None:
-                raise ValueError(f"expected {self._ports} ports, got {count}")
-            self._ports = count
-            return self.feed(*frame)
+        if self._expected_ports is not None:
+            raise ValueError(f"expected {self._expected_ports} ports, got {count}")
         run = self._other_run
         if run and len(run[0][1][1]) != count:
             self._end_run()
+            run = self._other_run
         run.append((self.lines, frame))
-        if len(run) < PORT_CHANGE_FRAMES:
+        if len(run) < (START_FRAMES if self._ports is None else PORT_CHANGE_FRAMES):
             return []
-        self._rate_log.warning(("ports", self.wattmetre_id),
-                               "wattmetre %s: %d frames in a row with %d ports instead of %d: "
-                               "the stream now has %d ports", self.wattmetre_id, len(run),
-                               count, self._ports, count)
+        return self._adopt_run()
+
+    def _adopt_run(self) -> list[Reading]:
+        """The frames of the pending run set the stream's port count and are fed."""
+        run, self._other_run = self._other_run, []
+        count = len(run[0][1][1])
+        if self._ports is not None:
+            self._rate_log.warning(("ports", self.wattmetre_id),
+                                   "wattmetre %s: %d frames in a row with %d ports instead of "
+                                   "%d: the stream now has %d ports", self.wattmetre_id,
+                                   len(run), count, self._ports, count)
         self._ports = count
-        self._other_run = []
         out: list[Reading] = []
         for _, kept in run:
             out += self.feed(*kept)
@@ -313,9 +322,10 @@ class WattmetreAggregator:
     def _end_run(self) -> None:
         """Frames of another port count were not followed by enough of their kind."""
         run, self._other_run = self._other_run, []
+        expected = (f"expected {self._ports} ports" if self._ports is not None else
+                    f"the first {START_FRAMES} frames disagree on the port count")
         for line, frame in run:
-            self._malformed(line, ValueError(f"expected {self._ports} ports, got "
-                                             f"{len(frame[1])}"))
+            self._malformed(line, ValueError(f"{expected}, got {len(frame[1])}"))
 
     def feed(self, timestamp_us: int, values: list[float]) -> list[Reading]:
         """Feed one frame; `values` (one per port, NaN = none) is kept, not copied."""
@@ -353,13 +363,16 @@ class WattmetreAggregator:
 
     def flush(self) -> list[Reading]:
         """Emit the mean of the open (partial) second, e.g. at end of input."""
-        if self._other_run:
-            self._end_run()
         out: list[Reading] = []
-        self._emit_means(out)
+        if self._other_run:  # a stream too short to have a count yet takes its frames
+            out = self._adopt_run() if self._ports is None else []
+            if self._other_run:
+                self._end_run()
+        means: list[Reading] = []
+        self._emit_means(means)
         self._open_second = None
-        self.readings += len(out)
-        return out
+        self.readings += len(means)
+        return out + means
 
     def _start_second(self, second: int, timestamp_us: int, out: list[Reading]) -> None:
         self._emit_means(out)
