@@ -83,15 +83,22 @@ async def run(conf: dict) -> tuple[int, str]:
 
 
 async def assert_same_rows(source: asyncpg.Connection, target: asyncpg.Connection,
-                           lo: datetime, hi: datetime) -> int:
+                           lo: datetime, hi: datetime, odd_labels: int = 0) -> int:
+    """Every distinct source row is in the target once (except `odd_labels` rows whose
+    labels were not a JSON object, compared by the caller)."""
     theirs = await k1.distinct_rows(source, "metrics", lo, hi)
     ours = await k1.distinct_rows(target, "metrics", lo, hi)
+    if odd_labels:
+        odd = [r for r in theirs if r[2] == "user_metric"]
+        assert len(odd) == odd_labels
+        theirs = [r for r in theirs if r[2] != "user_metric"]
+        ours = [r for r in ours if r[2] != "user_metric"]
     assert len(ours) == len(theirs)
     assert ours == theirs
     # ... and each of them exactly once
     assert await target.fetchval('SELECT count(*) FROM metrics WHERE "timestamp" >= $1 '
-                                 'AND "timestamp" < $2', lo, hi) == len(theirs)
-    return len(theirs)
+                                 'AND "timestamp" < $2', lo, hi) == len(theirs) + odd_labels
+    return len(theirs) + odd_labels
 
 
 async def test_kill_9_halfway_then_resume_and_verify(pg_cluster, admin_conn, target, secrets):
@@ -104,6 +111,9 @@ async def test_kill_9_halfway_then_resume_and_verify(pg_cluster, admin_conn, tar
     await source.execute("UPDATE metrics SET \"timestamp\" = NULL WHERE device_id = 'node-9'")
     await source.execute("INSERT INTO metrics VALUES ('2016-03-01 00:00:05+00', 'node-1', "
                          "'bmc_node_power_watt', 1, NULL)")  # NULL labels: the series {}
+    await source.execute("INSERT INTO metrics VALUES ('2016-03-01 00:00:06+00', 'node-1', "
+                         "'user_metric', 2, 'null'), ('2016-03-01 00:00:06+00', 'node-1', "
+                         "'user_metric', 3, '[1, \"a\"]')")  # labels an API caller could send
     await source.execute("INSERT INTO promoted_metrics VALUES ('node-1', 'bmc_.*'), "
                          "('node-1', 'bmc_.*'), ('node-2', NULL)")
     conf = options(pg_cluster, "kw1x_plain", secrets, range_minutes=60, jobs=2, final=True)
@@ -135,12 +145,15 @@ async def test_kill_9_halfway_then_resume_and_verify(pg_cluster, admin_conn, tar
     assert "verify: 2 days compared" in out and "0 series-days differ" in out
     assert "nodetime_by_job: 3 job rows added" in out and "1 without job_id, start_time" in out
     assert await target.fetchval(done_query, *span) == 30
-    written = await assert_same_rows(source, target, *span)
-    assert written == len(base) + 1  # the NULL-labels row is the {} series' own timestamp
+    written = await assert_same_rows(source, target, *span, odd_labels=2)
+    assert written == len(base) + 3  # + the NULL-labels row and the two user_metric rows
+    assert sorted(tuple(r) for r in await target.fetch(
+        "SELECT value, labels FROM metrics WHERE metric_id = 'user_metric'")) == \
+        [(2.0, "{}"), (3.0, '{"_labels": [1, "a"]}')]
     totals = await target.fetchrow(
         "SELECT sum(source_rows) AS read, sum(written_rows) AS written "
         "FROM kwollect.migrated_ranges WHERE range_start >= $1 AND range_start < $2", *span)
-    assert (totals["read"], totals["written"]) == (len(base) + len(dups) + 1, written)
+    assert (totals["read"], totals["written"]) == (len(base) + len(dups) + 3, written)
     assert sorted(tuple(r) for r in await target.fetch(
         "SELECT device_id, metric_id FROM promoted_metrics WHERE device_id IN ('node-1', "
         "'node-2')")) == [("node-1", "bmc_.*"), ("node-2", None)]

@@ -39,6 +39,7 @@ log = logging.getLogger("kwollect.migrate")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BINARY_ROW_BYTES = 34  # 2 (field count) + 3 x 4 (lengths) + 8 + 8 + 4: for the progress only
 QUEUE_CHUNKS = 16      # chunks of asyncpg's COPY stream buffered between source and target
+SERIES_CACHE = 200_000  # series ids remembered by a worker (about 40 MB)
 
 
 @dataclass
@@ -68,6 +69,9 @@ class RangeCopier:
     async def series_ids(self, groups: list[asyncpg.Record]) -> list[int]:
         keys = [(g["device_id"], g["metric_id"], g["labels"]) for g in groups]
         unknown = list({k for k in keys if k not in self.series})
+        if len(self.series) + len(unknown) > SERIES_CACHE:
+            self.series.clear()  # per-scrape labels can make millions of series: stay flat
+            unknown = list(set(keys))
         if unknown:
             ids = await self.target.fetchval(
                 "SELECT kwollect.series_ids($1::text[], $2::text[], $3::jsonb[])",

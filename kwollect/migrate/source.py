@@ -19,6 +19,12 @@ class SourceError(KwollectError):
     """The source cannot be read as a Kwollect 1.x database; the message says why."""
 
 
+# kwollect's series labels are a JSON object; the reference took any jsonb.  NULL and JSON
+# null become {}, any other non-object value is kept under the key "_labels".
+LABELS = """CASE WHEN m.labels IS NULL OR m.labels = 'null' THEN '{}'::jsonb
+                 WHEN jsonb_typeof(m.labels) = 'object' THEN m.labels
+                 ELSE jsonb_build_object('_labels', m.labels) END"""
+
 # Distinct rows of one time range, mapped to the target's series ids, as binary COPY rows of
 # (timestamp, value, series_id): exactly what kwollect.samples takes, so the stream goes
 # from the source to the target without being decoded.  Sorted by series, then time, so the
@@ -28,15 +34,15 @@ SELECT DISTINCT m."timestamp", m.value, map.sid
 FROM public.metrics m
 JOIN unnest($1::text[], $2::text[], $3::jsonb[], $4::integer[]) AS map(device, metric, labels, sid)
   ON m.device_id = map.device AND m.metric_id = map.metric
- AND coalesce(m.labels, '{}') = map.labels
+ AND """ + LABELS + """ = map.labels
 WHERE m."timestamp" >= $5 AND m."timestamp" < $6
 ORDER BY map.sid, m."timestamp"
 """
 
 RANGE_SERIES = """
-SELECT device_id, metric_id, coalesce(labels, '{}')::text AS labels, count(*) AS n
-FROM public.metrics
-WHERE "timestamp" >= $1 AND "timestamp" < $2
+SELECT m.device_id, m.metric_id, (""" + LABELS + """)::text AS labels, count(*) AS n
+FROM public.metrics m
+WHERE m."timestamp" >= $1 AND m."timestamp" < $2
 GROUP BY 1, 2, 3
 """
 
@@ -46,10 +52,11 @@ SELECT device_id, metric_id, labels::text AS labels, count(*) AS n, count(value)
        sum(value) FILTER (WHERE value NOT IN ('NaN', 'Infinity', '-Infinity')) AS total,
        count(*) FILTER (WHERE value = 'NaN') AS nan,
        count(*) FILTER (WHERE value IN ('Infinity', '-Infinity')) AS inf
-FROM (SELECT DISTINCT "timestamp", device_id, metric_id, coalesce(labels, '{}') AS labels, value
-      FROM public.metrics WHERE "timestamp" >= $1 AND "timestamp" < $2) d
+FROM (SELECT DISTINCT m."timestamp", m.device_id, m.metric_id, """ + LABELS + """ AS labels,
+                      m.value
+      FROM public.metrics m WHERE m."timestamp" >= $1 AND m."timestamp" < $2) d
 GROUP BY 1, 2, 3
-"""
+"""  # noqa: S608 (constant text)
 
 
 def check_url(url: str) -> None:
