@@ -12,6 +12,9 @@ would have created), loaded with ROWS rows of Kwollect shape (DEVICES devices x 
   the reference's shape without indexes, what a pg_dump | pg_restore of the data costs).
 
 Both sides share this machine's cores here; in a real migration the source is another host.
+Besides rows/s it prints the CPU spent per row by the servers (every backend of the run, as
+reaped by the postmaster) and by the client: on a machine shared with other work, CPU per
+row is the stable figure, and 2 cores / CPU per row the rate of an idle 2-core machine.
 
 Usage: .venv/bin/python benchmarks/migrate.py [--rows 2000000] [--jobs 2]
 """
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import io
 import os
+import resource
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -69,6 +73,22 @@ def csv_rows(devices: int, rows: int) -> bytes:
     return out.getvalue().encode()
 
 
+def cluster_cpu(cluster: PrivateCluster) -> float:
+    """CPU seconds of the postmaster's exited children (backends once their connection is
+    closed) plus the client's own."""
+    pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    children = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return children + usage.ru_utime + usage.ru_stime
+
+
+def client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def plain_copy(source: asyncpg.Connection, target: asyncpg.Connection) -> float:
     await target.execute("CREATE TABLE plain_copy (\"timestamp\" timestamptz, device_id text, "
                          "metric_id text, value double precision, labels jsonb)")
@@ -90,8 +110,9 @@ async def plain_copy(source: asyncpg.Connection, target: asyncpg.Connection) -> 
 
 async def run(args: argparse.Namespace) -> None:
     hypertable = missing_extension_reason("timescaledb") is None and not args.plain
+    # autovacuum off: its workers' CPU would be counted as the copies'
     cluster = PrivateCluster(settings={"shared_buffers": "1GB", "max_wal_size": "20GB",
-                                       "checkpoint_timeout": "30min"},
+                                       "checkpoint_timeout": "30min", "autovacuum": "off"},
                              preload=("timescaledb",) if hypertable else ()).start()
     try:
         conf = {**DEFAULTS, "db_host": cluster.socket_dir, "db_port": cluster.port,
@@ -115,25 +136,41 @@ async def run(args: argparse.Namespace) -> None:
         kind = ("TimescaleDB hypertable" + (", chunks compressed" if args.compress else "")
                 if hypertable else "plain table")
         print(f"source: {args.rows:,} rows, {kind}, loaded in {time.perf_counter() - t0:.0f} s")
+        await source.close()
+        await asyncio.sleep(1)  # the loading backend exits and is reaped before counting
+        rate: dict[str, tuple[float, float, float]] = {}
+        cpu0, client0 = cluster_cpu(cluster), client_cpu()
+        source = await asyncpg.connect(cluster.dsn(database="kw1x"))
         target = await asyncpg.connect(cluster.dsn(database="kwdb"))
         elapsed = await plain_copy(source, target)
-        print(f"baseline, plain table to table binary COPY, 1 stream: "
-              f"{args.rows / elapsed:,.0f} rows/s")
         await target.execute("DROP TABLE plain_copy")
+        await source.close()
+        await target.close()
+        await asyncio.sleep(0.5)  # the backends exit and are reaped
+        rate["baseline"] = (args.rows / elapsed, cluster_cpu(cluster) - cpu0,
+                            client_cpu() - client0)
         out = io.StringIO()
         migrate_conf = {**MIGRATE_DEFAULTS, "db_host": cluster.socket_dir,
                         "db_port": cluster.port, "db_name": "kwdb", "db_user": "postgres",
                         "from": cluster.dsn(database="kw1x"), "final": True,
                         "jobs": args.jobs, "range_minutes": args.range_minutes}
+        cpu0, client0 = cluster_cpu(cluster), client_cpu()
         t0 = time.perf_counter()
         await migrate(migrate_conf, out)
         elapsed = time.perf_counter() - t0
-        print(f"kwollect migrate, {args.jobs} workers, {args.range_minutes}-minute ranges: "
-              f"{args.rows / elapsed:,.0f} rows/s ({elapsed:.1f} s); "
-              f"load average {os.getloadavg()[0]:.1f}")
+        await asyncio.sleep(0.5)
+        rate["migrate"] = (args.rows / elapsed, cluster_cpu(cluster) - cpu0,
+                           client_cpu() - client0)
+        names = {"baseline": "baseline, plain table to table binary COPY, 1 stream",
+                 "migrate": f"kwollect migrate, {args.jobs} workers, "
+                            f"{args.range_minutes}-minute ranges"}
+        for key, (rows_s, cpu, client) in rate.items():
+            per_row = cpu / args.rows * 1e6
+            print(f"{names[key]}: {rows_s:,.0f} rows/s; CPU {per_row:.2f} us/row "
+                  f"(client {client / args.rows * 1e6:.2f}), i.e. {2e6 / per_row:,.0f} rows/s "
+                  f"on 2 idle cores")
+        print(f"load average {os.getloadavg()[0]:.1f}")
         print(out.getvalue().strip())
-        await source.close()
-        await target.close()
     finally:
         cluster.destroy()
 
