@@ -16,14 +16,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from kwollect.collect.metricsd import ConfigError, LoadResult, load_metrics_dir
-from kwollect.collect.promotion import PROMOTED_QUERY, Promotions
+from kwollect.collect.promotion import PromotionReader, Promotions
 from kwollect.collect.scheduler import Scheduler, schedule_entries
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
-from kwollect.logutil import RateLimitedLog
 from kwollect.model import now_us
 from kwollect.options import tool_options
 from kwollect.protocols.url import target_name
@@ -81,9 +79,12 @@ class Kwollector:
         self.scheduler = Scheduler(self.writer.submit, self.promotions,
                                    timeout_s=float(conf["timeout_s"]),
                                    target_concurrency=int(conf["target_concurrency"]))
+        self.promotion_reader = PromotionReader(
+            connect_kwargs(conf), self.promotions, self.scheduler.promotions_changed,
+            name="kwollector", wanted=lambda: self.scheduler.needs_promotions,
+            refresh_s=float(conf["promotion_refresh_s"]), logger=log)
         self.device_id = conf["self_device_id"] or f"kwollector-{socket.gethostname()}"
         self._stop = asyncio.Event()
-        self._db_log = RateLimitedLog(log, 60)
 
     def load(self) -> None:
         result = load_metrics_dir(self.conf["metrics_dir"], strict=self.conf["strict"])
@@ -91,23 +92,6 @@ class Kwollector:
         started, kept, stopped = self.scheduler.apply(result.descriptions)
         log.warning("%d metrics loaded: %d polling groups started, %d kept, %d stopped",
                     len(result.descriptions), started, kept, stopped)
-
-    async def refresh_promotions(self) -> None:
-        conn: asyncpg.Connection | None = None
-        while True:
-            if self.scheduler.needs_promotions:
-                try:
-                    if conn is None or conn.is_closed():
-                        conn = await asyncpg.connect(**connect_kwargs(self.conf), timeout=5)
-                    rows = await conn.fetch(PROMOTED_QUERY, timeout=5)
-                    if self.promotions.update((r["device_id"], r["metric_id"]) for r in rows):
-                        self.scheduler.promotions_changed()
-                    self._db_log.forget("promotions")
-                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                    self._db_log.warning("promotions", "cannot read promoted_metrics, keeping "
-                                         "the last known set: %s", exc)
-                    conn = None
-            await asyncio.sleep(float(self.conf["promotion_refresh_s"]))
 
     async def self_metrics(self) -> None:
         while True:
@@ -143,7 +127,7 @@ class Kwollector:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        background = [asyncio.create_task(self.refresh_promotions()),
+        background = [asyncio.create_task(self.promotion_reader.run()),
                       asyncio.create_task(self.self_metrics())]
         runner = await self.serve_prometheus() if int(self.conf["prometheus_port"]) else None
         try:

@@ -27,14 +27,12 @@ import asyncio
 import contextlib
 import io
 import logging
-import re
 import signal
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
-import asyncpg
-
+from kwollect.collect.promotion import PromotionReader, Promotions
 from kwollect.logutil import RateLimitedLog
 from kwollect.options import OptionError, positive_int, tool_options
 from kwollect.protocols.wattmetre import METRIC_ID, VERSIONS, WattmetreAggregator, load_mapping
@@ -51,87 +49,36 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "warning",
     **WRITER_DEFAULTS,
 }
-PROMOTION_REFRESH_S = 1.0
-PROMOTION_TIMEOUT_S = 5.0
 STATS_EVERY_S = 300.0
 CHUNK_BYTES = 1 << 16
 MAX_LINE_BYTES = 1 << 16
 GATHER_S = 0.1
-_PROMOTED_SQL = "SELECT device_id, metric_id FROM promoted_metrics"
 
 
-def promoted_devices(rows: Iterable[tuple[str | None, str | None]],
-                     rate_log: RateLimitedLog | None = None) -> frozenset[str]:
-    """Device ids promoted for `METRIC_ID`: rows whose metric_id regex (NULL: any) fully
-    matches it.  A regex that does not compile is skipped (and logged)."""
-    devices = set()
-    for device_id, pattern in rows:
-        if device_id is None:
-            continue
-        if pattern is not None:
-            try:
-                if not _compiled(pattern).fullmatch(METRIC_ID):
-                    continue
-            except re.error as exc:
-                if rate_log is not None:
-                    rate_log.warning(("regex", pattern), "promoted_metrics: invalid metric_id "
-                                     "regex %r for %s: %s", pattern, device_id, exc)
-                continue
-        devices.add(device_id)
-    return frozenset(devices)
+def promoted_devices(rows: Iterable[tuple[str | None, str | None]]) -> frozenset[str]:
+    """Device ids promoted for `METRIC_ID` by these promoted_metrics rows (the shared rule
+    of `kwollect.collect.promotion`); a regex that does not compile is skipped and logged."""
+    promotions = Promotions()
+    promotions.update(rows)
+    return promotions.devices_promoting(METRIC_ID)
 
 
-_regex_cache: dict[str, re.Pattern[str]] = {}
+def promotion_reader(conf: dict[str, Any], wattmetre_id: str,
+                     aggregator: WattmetreAggregator) -> PromotionReader:
+    """The shared reader of promoted_metrics, applying each change to the aggregator."""
+    promotions = Promotions()
+    current: frozenset[str] = frozenset()
 
-
-def _compiled(pattern: str) -> re.Pattern[str]:
-    regex = _regex_cache.get(pattern)
-    if regex is None:
-        if len(_regex_cache) > 1000:
-            _regex_cache.clear()
-        regex = _regex_cache[pattern] = re.compile(pattern)
-    return regex
-
-
-class PromotionWatcher:
-    """Reads promoted_metrics on its own connection; keeps the last known set on failure."""
-
-    def __init__(self, connect: Mapping[str, Any],
-                 on_change: Callable[[frozenset[str]], None]) -> None:
-        self._connect = dict(connect)
-        self._on_change = on_change
-        self._conn: asyncpg.Connection | None = None
-        self._current: frozenset[str] | None = None
-        self._rate_log = RateLimitedLog(log)
-
-    async def refresh(self) -> None:
-        try:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(
-                    **self._connect, timeout=PROMOTION_TIMEOUT_S,
-                    server_settings={"application_name": "kwollector-wattmetre promotions"})
-            rows = await self._conn.fetch(_PROMOTED_SQL, timeout=PROMOTION_TIMEOUT_S)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._rate_log.warning("read", "cannot read promoted_metrics (%s); keeping the "
-                                   "last known promotions", exc)
-            await self.close()
-            return
-        self._rate_log.forget("read")
-        devices = promoted_devices(rows, self._rate_log)
-        if devices != self._current:
-            self._current = devices
+    def apply() -> None:
+        nonlocal current
+        devices = promotions.devices_promoting(METRIC_ID)
+        if devices != current:
+            current = devices
             log.info("promoted for %s: %s", METRIC_ID, ", ".join(sorted(devices)) or "none")
-            self._on_change(devices)
+            aggregator.set_promoted(devices)
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(PROMOTION_REFRESH_S)
-            await self.refresh()
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.terminate()
+    return PromotionReader(connect_kwargs(conf), promotions, apply,
+                           name=f"kwollector-wattmetre[{wattmetre_id}]", logger=log)
 
 
 class StdinSource:
@@ -229,7 +176,7 @@ async def run(conf: dict[str, Any], mapping: Mapping[str, str]) -> int:
                     "in memory only (up to %d rows)", wattmetre_id, options.queue_max_rows)
     writer = Writer(connect_kwargs(conf), options, name=f"kwollector-wattmetre[{wattmetre_id}]")
     await writer.start()
-    watcher = PromotionWatcher(connect_kwargs(conf), aggregator.set_promoted)
+    watcher = promotion_reader(conf, wattmetre_id, aggregator)
     await watcher.refresh()  # start with the right promotions when the database answers
     background = [asyncio.create_task(watcher.run()),
                   asyncio.create_task(_report(aggregator, writer))]
