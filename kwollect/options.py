@@ -14,8 +14,10 @@ from typing import Any
 
 from pyonf import pyonf
 
+from kwollect.errors import KwollectError
 
-class OptionError(ValueError):
+
+class OptionError(KwollectError, ValueError):
     """A bad option value; the message names the option."""
 
 

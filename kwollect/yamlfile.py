@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from kwollect.errors import KwollectError
 from kwollect.logutil import excerpt
 
 MAX_FILE_BYTES = 32 << 20
@@ -22,7 +23,7 @@ over): 32 MiB holds about 150,000 metric descriptions."""
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class YamlFileError(ValueError):
+class YamlFileError(KwollectError, ValueError):
     """One line: the file, what is wrong with it and what to do."""
 
 

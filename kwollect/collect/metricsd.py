@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kwollect import protocols
+from kwollect.errors import KwollectError
 from kwollect.logutil import excerpt
 from kwollect.model import MetricDescription
 from kwollect.yamlfile import YamlFileError, read_yaml
@@ -43,7 +44,7 @@ SKIPPED_SUFFIXES = ("~", ".swp", ".bak", ".orig", ".dpkg-old", ".dpkg-new", ".dp
                     ".rpmnew", ".rpmsave")
 
 
-class ConfigError(ValueError):
+class ConfigError(KwollectError, ValueError):
     """Errors of one file; `errors` lists each as 'file: entry N (name): field: message'."""
 
     def __init__(self, errors: list[str]) -> None:

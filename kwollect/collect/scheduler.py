@@ -77,7 +77,6 @@ class TargetStats:
     overruns: int = 0
     missed_ticks: int = 0
     """Ticks not polled because the kwollector itself ran a period late or more."""
-    latency_sum_s: float = 0.0
     last_latency_s: float = 0.0
 
 
@@ -264,7 +263,6 @@ class Scheduler:
         latency = time.monotonic() - started
         stats.polls += 1
         stats.values += len(readings)
-        stats.latency_sum_s += latency
         stats.last_latency_s = latency
         self.values_collected += len(readings)
         self._log.forget(("timeout", group.key))

@@ -47,6 +47,7 @@ from kwollect.dev.simulators.fleet import (
     wattmetre_ports,
     write_wattmetre_mapping,
 )
+from kwollect.errors import KwollectError
 from kwollect.store.setupdb import DEFAULTS, setup
 
 DEMO_PASSWORD = "demo-writer"
@@ -77,7 +78,7 @@ EXPECTED = (
 )
 
 
-class DemoError(RuntimeError):
+class DemoError(KwollectError, RuntimeError):
     """Something the demo needs did not work; the message says what and where to look."""
 
 

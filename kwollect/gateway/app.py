@@ -27,6 +27,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from kwollect.errors import KwollectError
 from kwollect.gateway import config, openapi, webui
 from kwollect.gateway.auth import Authenticator, Identity
 from kwollect.gateway.catalog import Call, Catalog, Shape, load_catalog, quote_ident
@@ -61,7 +62,7 @@ OPENAPI_MEDIA = "application/openapi+json"
 FORM_MEDIA = "application/x-www-form-urlencoded"
 
 
-class StreamBroken(Exception):
+class StreamBroken(KwollectError):
     """The response was already under way when the call failed: the connection is cut."""
 
     def __init__(self, message: str, response: web.StreamResponse | None) -> None:
@@ -69,11 +70,11 @@ class StreamBroken(Exception):
         self.response = response
 
 
-class ClientStalled(ConnectionError):
+class ClientStalled(KwollectError, ConnectionError):
     """The client did not read its response for send_timeout seconds: it is cut off."""
 
 
-class ClientGone(Exception):
+class ClientGone(KwollectError):
     """The client closed the connection while its response was being written."""
 
     def __init__(self, response: web.StreamResponse | None) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
+from kwollect.errors import KwollectError
+
 # (SQLSTATE prefix, status), most specific first; "other" is 400.
 _STATUS_BY_SQLSTATE: tuple[tuple[str, int], ...] = (
     ("08", 503), ("09", 500), ("0L", 403), ("0P", 403),
@@ -19,7 +21,7 @@ _STATUS_BY_SQLSTATE: tuple[tuple[str, int], ...] = (
 )
 
 
-class ApiError(Exception):
+class ApiError(KwollectError):
     """An error answered to the client; `status` is the HTTP status."""
 
     def __init__(self, status: int, code: str, message: str, details: str | None = None,

@@ -306,7 +306,7 @@ def _plan(points: Sequence[_Point]) -> list[_UnitPlan]:
     return [_UnitPlan(unit, blocks) for unit, blocks in sorted(units.items())]
 
 
-class _NoAnswer(Exception):
+class _NoAnswer(KwollectError):
     """The request got no valid response in time (the unit or the whole gateway is silent)."""
 
 

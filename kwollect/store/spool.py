@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kwollect.errors import KwollectError
+
 MAGIC = b"KWS1"
 HEADER = struct.Struct("<4sII")
 SUFFIX = ".seg"
@@ -44,7 +46,7 @@ MIN_SEGMENT_BYTES = 64 << 10
 log = logging.getLogger(__name__)
 
 
-class SpoolError(OSError):
+class SpoolError(KwollectError, OSError):
     """The spool directory cannot be used (not writable, locked by another process...)."""
 
 
@@ -91,7 +93,6 @@ class Spool:
         self._dir_dirty = False
         self._lock_fd: int | None = None
         self.corrupt_records = 0
-        self.corrupt_bytes = 0
         self.unreadable_segments = 0
         """Segments left on disk because they could not be read (see the log)."""
         self.unreadable_records = 0
@@ -321,7 +322,6 @@ class Spool:
                           "" if skip < 0 else f" (resuming at byte {resume})")
         segment.read_offset = resume
         self.corrupt_records += 1
-        self.corrupt_bytes += resume - offset
         self._forget(segment)
         if self._on_damaged is not None:
             self._on_damaged(damaged, declared)

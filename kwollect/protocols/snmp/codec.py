@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from kwollect.errors import KwollectError
+
 SEQUENCE = 0x30
 INTEGER = 0x02
 OCTET_STRING = 0x04
@@ -50,7 +52,7 @@ TOO_BIG = 1
 NO_SUCH_NAME = 2
 
 
-class BerError(ValueError):
+class BerError(KwollectError, ValueError):
     """The bytes are not the SNMP message we expect (malformed or truncated)."""
 
 
