@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kwollect.errors import KwollectError
 from kwollect.logutil import RateLimitedLog, excerpt
 from kwollect.model import MetricDescription, Reading, make_reading, midpoint_us
 from kwollect.protocols.http_common import (
@@ -99,7 +100,7 @@ _PARSERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kwollect-promet
 """Large scrapes are parsed here: two at a time at most, whatever the number of exporters."""
 
 
-class _Cancelled(Exception):
+class _Cancelled(KwollectError):
     """The poll that wanted this scrape is gone (its deadline passed)."""
 
 
