@@ -417,6 +417,11 @@ BEGIN
              coalesce((substring(split_part(a.device_id, '-', 2) FROM '^\d{1,9}'))::integer, 0),
              a.device_id COLLATE "C", a.metric_id COLLATE "C";
 END $$;
+COMMENT ON FUNCTION api.available_metrics(timestamptz, jsonb, text, integer) IS
+    'Devices and metrics with samples in the minute before `at` (default: now; for a job '
+    'that ended, its end), for Grafana''s variables. Narrow them with devices '
+    '(comma-separated, as get_metrics takes them) and/or job_id, or with the reference''s '
+    'params {"devices": [...], "job_id": "1234"}. Devices are also listed by their alias.';
 
 -- Insert rows given as a JSON array of objects {device_id, metric_id[, timestamp][, value]
 -- [, labels]}, all in the caller's transaction; returns them as stored.
@@ -562,6 +567,11 @@ BEGIN
     PERFORM set_config('kwollect.job_id', '', true);
     RETURN result;
 END $$;
+COMMENT ON FUNCTION api.get_job_metrics(integer) IS
+    'Job-wide metrics as one JSON object. The energy of each node and of the job in Wh '
+    '(trapezoidal integration of the metric named by the job_energy_metric setting), then '
+    'the columns of each request the operator configured (kwollect-setup-db '
+    '--jobmetrics_requests_path).';
 
 -- Promotion by jobs: promoted_metrics rows with a job_id are managed here, from the view
 -- promoted_metrics_job(job_id, node, metric_id) that a scheduler integration provides;
@@ -598,3 +608,8 @@ RETURNS SETOF public.promoted_metrics LANGUAGE sql AS $$
     UNION ALL
     SELECT a.* FROM added a
 $$;
+COMMENT ON FUNCTION api.update_promoted_metrics() IS
+    'Bring the job rows of promoted_metrics in line with promoted_metrics_job (the running '
+    'jobs'' promotions, from the scheduler integration). Adds the rows it names, removes the '
+    'job rows it no longer names; rows without a job_id are never touched. Returns the rows '
+    'read before the change and the rows added.';
