@@ -26,8 +26,8 @@ START = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
 COUNT = 181   # 30 minutes every 10 s, both ends
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(), flags=re.S)
+def blocks(language: str, text: str | None = None) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text or GUIDE.read_text(), flags=re.S)
 
 
 def shell_commands() -> list[str]:
@@ -112,3 +112,23 @@ def test_the_metricsd_reference_example_is_valid(tmp_path):
         "bmc_node_power_watt", "node-1", 5000)
     assert metric.optional_update_every_ms == 1000
     assert metric.labels == {"_device_alias": "node-1"}
+
+
+def test_the_operator_guides_grafana_commands_name_files_that_exist():
+    """The files its Grafana block copies exist, and land where the provisioning looks."""
+    import yaml
+
+    root = Path(__file__).parent.parent
+    guide = (root / "docs" / "operator.md").read_text()
+    block = next(b for b in blocks("sh", guide) if "grafana" in b)
+    copies = re.findall(r"^cp (\S+) (\S+)$", block, flags=re.M)
+    copies += re.findall(r"&& cp (\S+) (\S+)$", block, flags=re.M)
+    assert len(copies) == 3
+    for source, _ in copies:
+        assert (root / source).is_file(), source
+    provider = yaml.safe_load((root / "grafana/provisioning/dashboards/kwollect.yaml").read_text())
+    dashboard_dir = provider["providers"][0]["options"]["path"]
+    assert any(dest.rstrip("/") == dashboard_dir for _, dest in copies)
+    datasource = (root / "grafana/provisioning/datasources/kwollect.yaml").read_text()
+    installed = re.search(r"install -o grafana -m 0400 \S+ (\S+)", block)
+    assert installed and f"$__file{{{installed.group(1)}}}" in datasource

@@ -2,7 +2,7 @@
 
 Rows are streamed: `get_metrics` reads the API's NDJSON output line by line, so a job of
 millions of samples never sits in memory unless the caller collects it (`dataframe` does,
-with pandas when installed: `pip install 'kwollect-metrics[client]'`). Only the standard
+with pandas when installed: `pip install 'kwollect-pg[client]'`). Only the standard
 library's HTTP client is used, so an experimenter's notebook needs nothing beyond orjson,
 which kwollect already depends on.
 

@@ -2,7 +2,7 @@
 
 One panel per metric, one line per device (and labels where they tell series apart), or
 the devices stacked (`--stacked`, e.g. a job's total power). matplotlib is an optional
-extra (`pip install 'kwollect-metrics[client]'`); the Agg backend needs no display.
+extra (`pip install 'kwollect-pg[client]'`); the Agg backend needs no display.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The page is static (ui/index.html, ui/app.js, ui/app.css) and calls the same /rp
 functions as any client, with the same roles: anonymous visitors read what kwuser_ro
 reads, a token pasted in the page is sent as a Bearer header and never stored. The chart
 library is plotly.js as shipped inside the `plotly` Python package (an optional extra,
-`pip install 'kwollect-metrics[ui]'`), served from that installation at /ui/plotly.min.js;
+`pip install 'kwollect-pg[ui]'`), served from that installation at /ui/plotly.min.js;
 nothing of it is copied into this repository. Without it, /ui/ says what to install.
 """
 
