@@ -22,6 +22,7 @@ from kwollect.collect.metricsd import ConfigError, LoadResult, load_metrics_dir
 from kwollect.collect.promotion import PromotionReader, Promotions
 from kwollect.collect.scheduler import Scheduler, schedule_entries
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
+from kwollect.collect.sharding import Shard, shard_key
 from kwollect.model import now_us
 from kwollect.options import tool_options
 from kwollect.protocols.url import target_name
@@ -39,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "timeout_s": 10.0,
     "target_concurrency": 1,
     "promotion_refresh_s": 1.0,
+    "shard": "",
     **WRITER_DEFAULTS,
     "self_device_id": "",
     "self_metrics_every_s": 10.0,
@@ -54,16 +56,24 @@ def report(result: LoadResult) -> None:
         log.error("%s", error)
 
 
-def plan_lines(result: LoadResult) -> list[str]:
-    """What would be polled: one line per (target, period) group."""
+def plan_lines(result: LoadResult, shard: Shard | None = None) -> list[str]:
+    """What would be polled: one line per (target, period) group (of this shard's targets)."""
+    shard = shard or Shard()
+    descriptions = shard.select(result.descriptions)
     groups: dict[tuple[str, int], list[str]] = {}
-    for desc in result.descriptions:
+    for desc in descriptions:
         for period, entry in schedule_entries(desc):
             when = " (while promoted)" if entry.promoted_only else ""
             groups.setdefault((target_name(desc.url), period), []).append(
                 f"{desc.device_id}/{desc.name}{when}")
     lines = [f"{len(result.descriptions)} metrics from {result.files_read} files "
              f"({result.files_skipped} skipped), {len(groups)} polling groups:"]
+    if not shard.whole:
+        targets = {shard_key(d) for d in result.descriptions}
+        mine = sorted({shard_key(d) for d in descriptions})
+        lines[0] = (f"shard {shard}: {len(mine)} of {len(targets)} targets, "
+                    f"{len(descriptions)} of {lines[0]}")
+        lines += [f"  polls {target}" for target in mine]
     for (target, period), names in sorted(groups.items()):
         lines.append(f"  {target} every {period} ms: {', '.join(sorted(names))}")
     return lines
@@ -74,6 +84,7 @@ class Kwollector:
 
     def __init__(self, conf: dict[str, Any]) -> None:
         self.conf = conf
+        self.shard = Shard.parse(conf["shard"])
         self.promotions = Promotions()
         self.writer = Writer(connect_kwargs(conf), WriterOptions.from_conf(conf))
         self.scheduler = Scheduler(self.writer.submit, self.promotions,
@@ -83,15 +94,19 @@ class Kwollector:
             connect_kwargs(conf), self.promotions, self.scheduler.promotions_changed,
             name="kwollector", wanted=lambda: self.scheduler.needs_promotions,
             refresh_s=float(conf["promotion_refresh_s"]), logger=log)
-        self.device_id = conf["self_device_id"] or f"kwollector-{socket.gethostname()}"
+        suffix = "" if self.shard.whole else f"-{self.shard.index}of{self.shard.count}"
+        self.device_id = (conf["self_device_id"]
+                          or f"kwollector-{socket.gethostname()}{suffix}")
         self._stop = asyncio.Event()
 
     def load(self) -> None:
         result = load_metrics_dir(self.conf["metrics_dir"], strict=self.conf["strict"])
         report(result)
-        started, kept, stopped = self.scheduler.apply(result.descriptions)
-        log.warning("%d metrics loaded: %d polling groups started, %d kept, %d stopped",
-                    len(result.descriptions), started, kept, stopped)
+        descriptions = self.shard.select(result.descriptions)
+        started, kept, stopped = self.scheduler.apply(descriptions)
+        where = "" if self.shard.whole else f" (shard {self.shard}: {len(descriptions)} polled)"
+        log.warning("%d metrics loaded%s: %d polling groups started, %d kept, %d stopped",
+                    len(result.descriptions), where, started, kept, stopped)
 
     async def self_metrics(self) -> None:
         while True:
@@ -146,7 +161,8 @@ class Kwollector:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    conf = tool_options("kwollector", DEFAULTS, argv)
+    conf = tool_options("kwollector", DEFAULTS, argv,
+                        check=lambda c: Shard.parse(c["shard"]))
     if conf is None:
         return 2
     if conf["check"]:
@@ -159,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         for error in result.errors:
             print(f"error: {error}", file=sys.stderr)
-        print("\n".join(plan_lines(result)))
+        print("\n".join(plan_lines(result, Shard.parse(conf["shard"]))))
         return 1 if result.errors else 0
     try:
         asyncio.run(Kwollector(conf).run())
