@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from kwollect.collect.kwollector import tune_gc
 from kwollect.collect.promotion import Promotions
 from kwollect.collect.scheduler import Scheduler
 from kwollect.dev.simulators.hostile import HostileExporter
@@ -92,6 +93,7 @@ async def run(agent_url: str, targets: int, seconds: float,
 
 
 def main() -> None:
+    tune_gc()  # as the kwollector does
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 60.0
     targets = int(sys.argv[2]) if len(sys.argv) > 2 else 20
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ every live target in the window is polled once, with no timeout, overrun or miss
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from collections import defaultdict
 
 import pytest
 
+from kwollect.collect.kwollector import tune_gc
 from kwollect.collect.promotion import Promotions
 from kwollect.collect.scheduler import Scheduler
 from kwollect.dev.simulators.hostile import HostileExporter
@@ -27,6 +29,16 @@ from tests.fixtures.snmp import BULK
 
 LIVE_TARGETS = 20
 SECONDS = 10
+
+
+@pytest.fixture
+def kwollector_gc():
+    """The garbage collector tuned as the kwollector program tunes it."""
+    thresholds = gc.get_threshold()
+    tune_gc()
+    yield
+    gc.set_threshold(*thresholds)
+    gc.unfreeze()
 
 
 @pytest.fixture
@@ -61,7 +73,7 @@ def live_ticks(readings: list[Reading], start: float, stop: float) -> dict[str, 
     return late
 
 
-async def test_hostile_exporter_beside_live_snmp_targets(snmp_agent, hostile):
+async def test_hostile_exporter_beside_live_snmp_targets(snmp_agent, hostile, kwollector_gc):
     readings: list[Reading] = []
     flood: dict[str, int] = defaultdict(int)
 

@@ -4,6 +4,9 @@ One module per kind of device (snmp, prometheus, ipmi, modbus, redfish, wattmetr
 starts a real server (Debian's snmpd, prometheus-node-exporter, OpenIPMI's ipmi_sim, a
 pymodbus or aiohttp server) on 127.0.0.1 with a port the kernel picked, waits until it
 answers, and stops it by pid.  Only loopback addresses are ever used.
+
+Two peers make faults rather than devices: `hostile` (an exporter serving far too much) and
+`tcp_proxy` (a link that hangs without closing); see docs/reliability.md.
 """
 
 from __future__ import annotations
