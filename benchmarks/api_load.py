@@ -4,12 +4,14 @@ Starts a private cluster with PostgreSQL's stock settings (jit on, fsync on; onl
 time zone is set), sets kwollect up in it, loads 20 devices x 10 metrics x 1 hour at 1 Hz,
 starts kwollect-api (db-pool 10, as installed), then runs CLIENTS concurrent clients for
 DURATION seconds each, looping over small `get_metrics` reads (one device, one metric,
-one minute: 60 rows), `available_metrics` and `get_job_metrics`.  Two rounds, side by
+one minute: 60 rows), `available_metrics` and `get_job_metrics`.  Three rounds, side by
 side in one run:
 
 - "stock, jit on": the database's `jit = off` (which setup sets) removed, i.e. what a
   stock server gave before setup set it;
-- "setup (jit off)": the database as kwollect-setup-db leaves it.
+- "setup (jit off)": the database as kwollect-setup-db leaves it;
+- "+12 stalled": the same, with 12 of the 55 clients asking for a 100,000-row export
+  and never reading it (they held 10 of 10 connections before responses were spooled).
 
 Printed per round: requests/s, p50 and p99 latency, errors by status, the gateway's peak
 RSS (sampled every 50 ms), and the peak number of database connections the gateway held.
@@ -22,11 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import socket
 import statistics
 import sys
 import tempfile
 import time
-from datetime import timedelta
+import urllib.parse
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -44,12 +48,16 @@ def requests_for(url: str, i: int) -> str:
     device = f"node-{1 + i % 20}"
     kind = i % 10
     if kind == 8:
-        return f"{url}/rpc/available_metrics?at={(minute + timedelta(seconds=30)).isoformat()}"
+        return f"{url}/rpc/available_metrics?at={quote(minute + timedelta(seconds=30))}"
     if kind == 9:
         return f"{url}/rpc/get_job_metrics?job_id=1"
     end = minute + timedelta(seconds=59)
     return (f"{url}/rpc/get_metrics?devices={device}&metrics=bmc_node_power_watt"
-            f"&start_time={minute.isoformat()}&end_time={end.isoformat()}")
+            f"&start_time={quote(minute)}&end_time={quote(end)}")
+
+
+def quote(moment: datetime) -> str:
+    return urllib.parse.quote(moment.isoformat())
 
 
 async def client(session: aiohttp.ClientSession, url: str, offset: int, stop: float,
@@ -74,6 +82,22 @@ async def sample(pid: int, admin: asyncpg.Connection, stop: float, peaks: dict) 
         peaks["connections"] = max(peaks["connections"], await admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'kwollect-api'"))
         await asyncio.sleep(0.05)
+
+
+def stalled_exports(url: str, count: int) -> list[socket.socket]:
+    """Clients asking for 100,000 rows (12 MB of JSON) and never reading their socket."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    devices = "node-1,node-2"
+    request = (f"GET /rpc/get_metrics?devices={devices}&start_time={quote(START)}"
+               f"&end_time={quote(START + timedelta(hours=2))} HTTP/1.1\r\n"
+               f"Host: {host}\r\n\r\n").encode()
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((host, int(port)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(request)
+        socks.append(sock)
+    return socks
 
 
 async def round_(name: str, url: str, pid: int, admin: asyncpg.Connection,
@@ -107,21 +131,28 @@ async def run(args: argparse.Namespace) -> None:
         dsn = cluster.dsn(database="kwdb")
         await load(dsn)
         admin = await asyncpg.connect(dsn)
-        await admin.execute("INSERT INTO nodetime_per_job VALUES "
-                            "(1, $1, $1 + interval '20 minutes', 'node-1'), "
-                            "(1, $1, $1 + interval '20 minutes', 'node-2')", START)
+        await admin.execute("INSERT INTO nodetime_per_job SELECT 1, $1::timestamptz, "
+                            "$1::timestamptz + interval '20 minutes', node "
+                            "FROM unnest(ARRAY['node-1', 'node-2']) node", START)
         process, url, _ = start_gateway(config, work)
         print(f"{args.clients} clients, {args.duration:g} s per round, stock PostgreSQL "
               f"settings, db-pool 10\n")
         print(f"{'database':>17} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
               f"{'RSS MB':>8} {'conns':>6}")
-        for name, jit in (("stock, jit on", "on"), ("setup (jit off)", "off")):
+        for name, jit, stalled in (("stock, jit on", "on", 0), ("setup (jit off)", "off", 0),
+                                   ("+12 stalled", "off", 12)):
             await admin.execute(f"ALTER DATABASE kwdb SET jit = {jit}")
             # new sessions take the database setting: restart the gateway's pool
             process.terminate()
             process.wait(timeout=30)
             process, url, _ = start_gateway(config, work)
-            await round_(name, url, process.pid, admin, args.clients, args.duration)
+            socks = stalled_exports(url, stalled)
+            try:
+                await round_(name, url, process.pid, admin, args.clients - stalled,
+                             args.duration)
+            finally:
+                for sock in socks:
+                    sock.close()
         await admin.execute("ALTER DATABASE kwdb SET jit = off")
         await admin.close()
     finally:

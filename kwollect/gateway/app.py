@@ -11,6 +11,7 @@ errors raised before (bad parameter, unknown job, row bound) are proper HTTP err
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import resource
@@ -20,7 +21,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl
 
 import asyncpg
@@ -95,8 +96,10 @@ class ResultStream:
         self.send_timeout = send_timeout
         self.spool_bytes = spool_bytes
         self.on_stall: Callable[[], None] | None = None
-        self._spool: tempfile.SpooledTemporaryFile | None = None
-        self._spooled = 0
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._spool: IO[bytes] | None = None
+        self._filed = 0
         self._read_at = 0
         self._write_at = 0
         self._room = asyncio.Event()
@@ -135,18 +138,42 @@ class ResultStream:
             await self._flush()
 
     async def _flush(self) -> None:
+        """Queue the pending output for the drainer task, the only writer to the client.
+
+        The database side never waits for the client (a write to a client that does not
+        read would wait for send_timeout while holding the connection): output queues in
+        memory up to SPOOL_MEMORY, then in a temporary file, up to spool_bytes; only past
+        that does the database side wait, for send_timeout at most.
+        """
         data = b"".join(self.pending)
         self.pending.clear()
         self.pending_size = 0
         if not data:
             return
         self.sent += len(data)
-        protocol = self.request.protocol
-        if self._spooled == 0 and not self._draining and protocol is not None \
-                and not protocol.writing_paused:
-            await self._write(data)
+        while self._queued + self._filed and \
+                self._queued + self._filed + len(data) > self.spool_bytes:
+            self._room.clear()
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await self._room.wait()
+            except TimeoutError:
+                raise ClientStalled("the client read too slowly") from None
+            if self.failure is not None:
+                raise self.failure
+        if self._filed == 0 and self._queued + len(data) <= SPOOL_MEMORY:
+            self._queue.append(data)
+            self._queued += len(data)
         else:
-            await self._to_spool(data)
+            if self._spool is None:
+                # closed by close(), when the response ends
+                self._spool = tempfile.TemporaryFile()  # noqa: SIM115
+            self._spool.seek(self._write_at)
+            self._spool.write(data)
+            self._write_at += len(data)
+            self._filed += len(data)
+        if not self._draining:
+            self._drainer = asyncio.create_task(self._drain())
 
     @property
     def _draining(self) -> bool:
@@ -164,40 +191,28 @@ class ResultStream:
             raise ClientStalled(f"the client read nothing for {self.send_timeout:g} s") \
                 from None
 
-    async def _to_spool(self, data: bytes) -> None:
-        if self._spool is None:
-            # closed by close(), when the response ends
-            self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
-        while self._spooled and self._spooled + len(data) > self.spool_bytes:
-            # the spool is full: wait for the client (the connection is held meanwhile)
-            self._room.clear()
-            try:
-                async with asyncio.timeout(self.send_timeout):
-                    await self._room.wait()
-            except TimeoutError:
-                raise ClientStalled("the client read too slowly") from None
-            if self.failure is not None:
-                raise self.failure
-        self._spool.seek(self._write_at)
-        self._spool.write(data)
-        self._write_at += len(data)
-        self._spooled += len(data)
-        if not self._draining:
-            self._drainer = asyncio.create_task(self._drain())
-
-    async def _drain(self) -> None:
+    def _next_chunk(self) -> bytes:
+        if self._queue:
+            chunk = self._queue.popleft()
+            self._queued -= len(chunk)
+            return chunk
         assert self._spool is not None
-        try:
-            while self._spooled:
-                self._spool.seek(self._read_at)
-                chunk = self._spool.read(min(self._spooled, SPOOL_CHUNK))
-                self._read_at += len(chunk)
-                self._spooled -= len(chunk)
-                self._room.set()
-                await self._write(chunk)
+        self._spool.seek(self._read_at)
+        chunk = self._spool.read(min(self._filed, SPOOL_CHUNK))
+        self._read_at += len(chunk)
+        self._filed -= len(chunk)
+        if self._filed == 0:
             self._spool.seek(0)
             self._spool.truncate()
             self._read_at = self._write_at = 0
+        return chunk
+
+    async def _drain(self) -> None:
+        try:
+            while self._queued or self._filed:
+                chunk = self._next_chunk()
+                self._room.set()
+                await self._write(chunk)
         except (ConnectionError, OSError) as exc:
             self.failure = exc if isinstance(exc, ConnectionError) else ConnectionError(exc)
             self._room.set()
@@ -210,8 +225,11 @@ class ResultStream:
         if self._draining:
             assert self._drainer is not None
             self._drainer.cancel()
+        elif self._drainer is not None and not self._drainer.cancelled():
+            self._drainer.exception()  # retrieved: the failure was handled through .failure
         if self._spool is not None:
             self._spool.close()
+        self._queue.clear()
 
     def _tail(self) -> bytes:
         if self.framing is None:
