@@ -345,8 +345,9 @@ PAYLOADS = [
 PARAMETERS = {
     "get_metrics": ["job_id", "nodes", "devices", "metrics", "start_time", "end_time",
                     "summary", "as_rate"],
-    "available_metrics": ["at", "params"],
+    "available_metrics": ["at", "params", "devices", "job_id"],
     "get_job_metrics": ["job_id"],
+    "unknown_ids": ["devices", "metrics"],
 }
 
 
