@@ -32,7 +32,7 @@ MIGRATE_DEFAULTS: dict[str, Any] = {
     **DB_DEFAULTS,
     "from": "",
     "from_password_file": "",
-    "range_minutes": 60,
+    "range_minutes": 10,
     "settle_minutes": 10,
     "final": False,
     "verify": False,
