@@ -174,7 +174,24 @@ async def test_catch_up_while_the_source_is_written(pg_cluster, admin_conn, targ
     now = datetime.now(UTC).replace(microsecond=0)
     await k1.load(source, k1.rows(start=now - timedelta(hours=2), hours=2, step_s=30))
     conf = options(pg_cluster, "kw1x_live", secrets, range_minutes=10, settle_minutes=10)
+    stop = asyncio.Event()
+
+    async def reference_kwollector() -> int:
+        """Goes on COPYing fresh rows into the source, as the reference does every second."""
+        conn = await asyncpg.connect(pg_cluster.dsn(database="kw1x_live"))
+        sent = 0
+        while not stop.is_set():
+            await conn.copy_records_to_table("metrics", columns=k1.COLUMNS, records=[
+                (datetime.now(UTC), "node-live", "bmc_node_power_watt", float(sent), "{}")])
+            sent += 1
+            await asyncio.sleep(0.02)
+        await conn.close()
+        return sent
+
+    writing = asyncio.create_task(reference_kwollector())
     status, out = await run(conf)
+    stop.set()
+    assert await writing > 0
     assert status == 0, out
     copied = await target.fetchval("SELECT max(range_end) FROM kwollect.migrated_ranges "
                                    "WHERE range_start >= $1", now - timedelta(hours=3))

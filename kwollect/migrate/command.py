@@ -43,6 +43,14 @@ MIGRATE_DEFAULTS: dict[str, Any] = {
 JOB_RELATIONS = ("nodetime_by_job", "nodetime_per_job")
 
 
+async def connect_target(conf: dict[str, Any]) -> asyncpg.Connection:
+    """A target session without the writer role's request timeouts (5 minutes by default):
+    one range, or one day of --verify, may take longer at a large site."""
+    conn = await asyncpg.connect(**connect_kwargs(conf))
+    await conn.execute("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0")
+    return conn
+
+
 def check(conf: dict[str, Any]) -> None:
     if not conf["from"]:
         raise OptionError("--from is required: the source database's postgresql:// URL")
@@ -58,7 +66,7 @@ def check(conf: dict[str, Any]) -> None:
 
 async def copy_metrics(conf: dict[str, Any], password: str | None, name: str,
                        until: datetime | None, out: Any) -> Totals:
-    target = await asyncpg.connect(**connect_kwargs(conf))
+    target = await connect_target(conf)
     source = await src.connect(conf["from"], password)
     try:
         step = timedelta(minutes=conf["range_minutes"])
@@ -81,7 +89,7 @@ async def copy_metrics(conf: dict[str, Any], password: str | None, name: str,
 
         async def worker() -> None:
             copier = RangeCopier(await src.connect(conf["from"], password),
-                                 await asyncpg.connect(**connect_kwargs(conf)), name, progress)
+                                 await connect_target(conf), name, progress)
             try:
                 while (cell := await cells.get()) is not None:
                     lo, hi, fraction = cell
@@ -166,7 +174,7 @@ async def migrate(conf: dict[str, Any], out: Any = sys.stdout) -> int:
     password = src.read_password_file(conf["from_password_file"])
     source = await src.connect(conf["from"], password)
     try:
-        target = await asyncpg.connect(**connect_kwargs(conf))
+        target = await connect_target(conf)
     except BaseException:
         await source.close()
         raise
