@@ -2,6 +2,8 @@
 
 Partitions ahead of time, late rows moved to their partition, 5-minute summaries: all of it
 is SQL (sql/040_summary.sql); this module only calls it, once or every `every_seconds`.
+Then, in a transaction of its own, kwollect.sync_jobs() copies new and changed jobs from
+the linked scheduler's database (OAR, sql/070_oar.sql); it never raises.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ async def maintain(conf: dict) -> None:
             try:
                 result = await conn.fetchval("SELECT kwollect.maintain()::text")
                 log.info("maintenance: %s", result)
+                jobs = await conn.fetchval("SELECT kwollect.sync_jobs()::text")
+                log.info("jobs: %s", jobs)
             finally:
                 await conn.close()
         except (OSError, asyncpg.PostgresError) as exc:

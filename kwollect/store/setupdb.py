@@ -83,10 +83,13 @@ def role_names(user: str) -> dict[str, str]:
     The API gateway logs in as its own role (`<user>_api`, NOINHERIT: it has no privilege
     until it switches to the writer or the reader per request, as PostgREST's
     authenticator): a collector's credential lets its holder change the writer's password
-    (ALTER ROLE CURRENT_USER PASSWORD), which must not lock the gateway out.
+    (ALTER ROLE CURRENT_USER PASSWORD), which must not lock the gateway out.  The
+    scheduler's hooks and the nodes' insert_user_metrics run as NOLOGIN roles of their own,
+    which the gateway switches to as well.
     """
     return {"owner_role": f"{user}_owner", "writer_role": user, "reader_role": f"{user}_ro",
-            "api_role": f"{user}_api"}
+            "api_role": f"{user}_api", "scheduler_role": f"{user}_scheduler",
+            "node_role": f"{user}_node"}
 
 
 def make_token(secret: str, role: str, expiry_days: int) -> str:
@@ -119,7 +122,8 @@ async def ensure_roles(conn: asyncpg.Connection, roles: dict[str, str],
                        passwords: dict[str, str]) -> None:
     for key, role in roles.items():
         exists = await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
-        login = {"owner_role": "NOLOGIN", "api_role": "LOGIN NOINHERIT"}.get(key, "LOGIN")
+        login = {"owner_role": "NOLOGIN", "api_role": "LOGIN NOINHERIT",
+                 "scheduler_role": "NOLOGIN", "node_role": "NOLOGIN"}.get(key, "LOGIN")
         if not exists:
             await _ddl(conn, f"CREATE ROLE %I {login} NOSUPERUSER NOCREATEDB NOCREATEROLE", role)
         else:
@@ -127,8 +131,8 @@ async def ensure_roles(conn: asyncpg.Connection, roles: dict[str, str],
         if key in passwords:
             await _set_password(conn, role, passwords[key])
     await _ddl(conn, "GRANT %I TO %I", roles["reader_role"], roles["writer_role"])
-    await _ddl(conn, "GRANT %I, %I TO %I", roles["writer_role"], roles["reader_role"],
-               roles["api_role"])
+    await _ddl(conn, "GRANT %I, %I, %I, %I TO %I", roles["writer_role"], roles["reader_role"],
+               roles["scheduler_role"], roles["node_role"], roles["api_role"])
 
 
 async def ensure_database(conn: asyncpg.Connection, name: str, owner: str) -> None:
@@ -349,6 +353,15 @@ async def setup(conf: dict[str, Any]) -> tuple[str, str]:
     return postgrest_config(conf, roles, secret, api_password), token
 
 
+def config_secret(config: str) -> str:
+    """The jwt-secret of a configuration written by postgrest_config()."""
+    for line in config.splitlines():
+        key, _, value = line.partition(" = ")
+        if key == "jwt-secret":
+            return value.strip('"')
+    raise ValueError("jwt-secret missing from the configuration")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     conf = tool_options("kwollect-setup-db", DEFAULTS, argv)
     if conf is None:
@@ -367,6 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print("PostgREST / kwollect-api configuration:\n")
         print(config)
+    print("Scheduler token (job_start, job_end and update_promoted_metrics only; for the "
+          "scheduler's prolog/epilog hooks):\n")
+    print(make_token(config_secret(config), role_names(conf["kwollect_user"])["scheduler_role"],
+                     int(conf["token_expiry_days"])))
+    print()
     print(f"API token (writer role, expires in {conf['token_expiry_days']} days; 0 = never):\n")
     print(token)
     return 0

@@ -1,0 +1,439 @@
+-- kwollect schema, part 6: jobs.  Where job rows come from (scheduler hooks, the OAR
+-- synchronisation of 070_oar.sql, or a site's own nodetime_by_job view), promotion of
+-- optional metrics that follows a job, user metrics inserted from a job's nodes, and
+-- job-wide metrics.  Privileges for the scheduler and node roles are in 091_jobs_grants.sql.
+
+-- Promotion asked by a running job: one metric regex per row (NULL never: '.*' = all).
+-- Rows live from the job's start to its end; promoted_metrics rows are derived from them.
+CREATE TABLE IF NOT EXISTS kwollect.job_promote (
+    job_id    integer NOT NULL,
+    metric_id text NOT NULL,
+    PRIMARY KEY (job_id, metric_id)
+);
+COMMENT ON TABLE kwollect.job_promote IS
+    'Metric regexes a job promotes on its nodes while it runs (api.job_start, OAR monitor types).';
+
+-- Promotion by jobs: promoted_metrics rows with a job_id are managed here; rows without a
+-- job_id (added by an operator) are never touched.
+ALTER TABLE public.promoted_metrics ADD COLUMN IF NOT EXISTS job_id integer;
+CREATE INDEX IF NOT EXISTS promoted_metrics_job_idx ON public.promoted_metrics (job_id);
+COMMENT ON TABLE public.promoted_metrics IS
+    'Optional metrics to collect: (device_id, metric_id regex, NULL = all). Rows with a '
+    'job_id follow that job (added at its start, removed at its end); others are an operator''s.';
+
+-- A site's extra source of job promotions (reference name); empty unless replaced.
+DO $$
+BEGIN
+    IF to_regclass('public.promoted_metrics_job') IS NULL THEN
+        CREATE VIEW public.promoted_metrics_job AS
+        SELECT NULL::integer AS job_id, NULL::text AS node, NULL::text AS metric_id
+        WHERE false;
+    END IF;
+END $$;
+
+-- What job promotion wants now, for one job or (NULL) for all: running jobs' regexes on
+-- their nodes, plus the rows of the site's promoted_metrics_job view.
+CREATE OR REPLACE FUNCTION kwollect.wanted_job_promotions(p_job_id integer)
+RETURNS TABLE (job_id integer, device_id text, metric_id text)
+LANGUAGE sql STABLE AS $$
+    SELECT DISTINCT n.job_id, n.node, p.metric_id
+    FROM kwollect.job_promote p
+    JOIN public.nodetime_per_job n ON n.job_id = p.job_id AND n.stop_time IS NULL
+    WHERE p_job_id IS NULL OR p.job_id = p_job_id
+    UNION
+    SELECT v.job_id, v.node, coalesce(v.metric_id, '.*')
+    FROM public.promoted_metrics_job v
+    WHERE v.job_id IS NOT NULL AND v.node IS NOT NULL
+      AND (p_job_id IS NULL OR v.job_id = p_job_id)
+$$;
+
+-- Bring promoted_metrics in line with what jobs want, for one job (its rows only) or for
+-- all jobs (rows of every job); returns how many rows were added and removed.
+CREATE OR REPLACE FUNCTION kwollect.apply_job_promotions(p_job_id integer,
+                                                         OUT added bigint, OUT removed bigint)
+LANGUAGE sql AS $$
+    WITH wanted AS MATERIALIZED (
+        SELECT * FROM kwollect.wanted_job_promotions(p_job_id)
+    ), gone AS (
+        DELETE FROM public.promoted_metrics p
+        WHERE p.job_id IS NOT NULL AND (p_job_id IS NULL OR p.job_id = p_job_id)
+          AND NOT EXISTS (SELECT 1 FROM wanted w WHERE w.job_id = p.job_id
+                          AND w.device_id = p.device_id AND w.metric_id = p.metric_id)
+        RETURNING 1
+    ), new AS (
+        INSERT INTO public.promoted_metrics (device_id, metric_id, job_id)
+        SELECT w.device_id, w.metric_id, w.job_id FROM wanted w
+        WHERE NOT EXISTS (SELECT 1 FROM public.promoted_metrics p WHERE p.job_id = w.job_id
+                          AND p.device_id = w.device_id AND p.metric_id = w.metric_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM gone)
+$$;
+
+-- Collectors LISTEN on kwollect_promotions: a change reaches them at once, not at their
+-- next poll of the table.
+CREATE OR REPLACE FUNCTION kwollect.notify_promotions() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('kwollect_promotions', '');
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER promoted_metrics_notify
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON public.promoted_metrics
+    FOR EACH STATEMENT EXECUTE FUNCTION kwollect.notify_promotions();
+
+-- Reference API (OAR calls it at job start and end): synchronise jobs, then promoted rows.
+DROP FUNCTION IF EXISTS api.update_promoted_metrics();
+CREATE OR REPLACE FUNCTION api.update_promoted_metrics()
+RETURNS SETOF public.promoted_metrics LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM kwollect.sync_jobs();
+    PERFORM kwollect.apply_job_promotions(NULL);
+    RETURN QUERY SELECT * FROM public.promoted_metrics
+                 ORDER BY device_id COLLATE "C", metric_id COLLATE "C", job_id;
+END $$;
+COMMENT ON FUNCTION api.update_promoted_metrics() IS
+    'Synchronise jobs from the scheduler (OAR) and the promoted_metrics rows of jobs with '
+    'them; rows without a job_id are kept. Returns every promoted_metrics row.';
+
+-- The scheduler hooks run as the scheduler role only (kwollect-setup-db prints its token):
+-- the writer role, although a member of it (to switch to it), is refused.
+CREATE OR REPLACE FUNCTION kwollect.require_scheduler(p_what text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF current_user IS DISTINCT FROM kwollect.setting('scheduler_role') THEN
+        RAISE EXCEPTION '% is for the scheduler''s hooks: role % may not call it', p_what,
+            current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Use the scheduler token printed by kwollect-setup-db.';
+    END IF;
+END $$;
+
+-- A metric regex to promote, checked: NULL or '' means none.
+CREATE OR REPLACE FUNCTION kwollect.check_regex(p_regex text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF nullif(btrim(p_regex), '') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM '' ~ p_regex;
+    RETURN btrim(p_regex);
+EXCEPTION WHEN invalid_regular_expression THEN
+    RAISE EXCEPTION 'invalid promote regex %: %', p_regex, SQLERRM
+        USING ERRCODE = 'invalid_parameter_value';
+END $$;
+
+CREATE OR REPLACE FUNCTION api.job_start(job_id integer, nodes text, start_time text DEFAULT NULL,
+                                         promote text DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    j       integer := job_id;
+    t0      timestamptz := coalesce(kwollect.parse_time(start_time, 'start_time'), now());
+    wanted  text[] := kwollect.split_list(nodes, true);
+    regex   text := kwollect.check_regex(promote);
+    changes record;
+BEGIN
+    PERFORM kwollect.require_scheduler('job_start');
+    IF j IS NULL OR wanted IS NULL THEN
+        RAISE EXCEPTION 'job_start needs job_id and nodes (comma-separated host names)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A job started again (requeued) ends its previous run where the new one starts.
+    UPDATE public.nodetime_per_job n SET stop_time = greatest(n.start_time, t0)
+    WHERE n.job_id = j AND n.stop_time IS NULL AND n.start_time <> t0;
+    INSERT INTO public.nodetime_per_job (job_id, start_time, stop_time, node)
+    SELECT j, t0, NULL, x FROM unnest(wanted) x
+    ON CONFLICT ON CONSTRAINT nodetime_per_job_pkey DO UPDATE SET stop_time = NULL;
+    DELETE FROM kwollect.job_promote p WHERE p.job_id = j;
+    IF regex IS NOT NULL THEN
+        INSERT INTO kwollect.job_promote (job_id, metric_id) VALUES (j, regex);
+    END IF;
+    changes := kwollect.apply_job_promotions(j);
+    RETURN jsonb_build_object('job_id', j, 'nodes', to_jsonb(wanted), 'start_time', t0,
+                              'promote', regex, 'promoted_rows_added', changes.added,
+                              'promoted_rows_removed', changes.removed);
+END $$;
+COMMENT ON FUNCTION api.job_start(integer, text, text, text) IS
+    'Scheduler hook (scheduler token only): job job_id started on nodes (comma-separated, '
+    'cut at the first dot) at start_time (default now); promote, a regex over metric names '
+    '(e.g. bmc_.*), promotes those optional metrics on its nodes until job_end.';
+
+CREATE OR REPLACE FUNCTION api.job_end(job_id integer, stop_time text DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    j       integer := job_id;
+    t1      timestamptz := coalesce(kwollect.parse_time(stop_time, 'stop_time'), now());
+    ended   integer;
+    changes record;
+BEGIN
+    PERFORM kwollect.require_scheduler('job_end');
+    IF NOT EXISTS (SELECT 1 FROM public.nodetime_per_job n WHERE n.job_id = j) THEN
+        RAISE EXCEPTION 'job % not found', j
+            USING ERRCODE = 'PT404', HINT = 'job_start was never called for this job.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM public.nodetime_per_job n
+               WHERE n.job_id = j AND n.stop_time IS NULL AND n.start_time > t1) THEN
+        RAISE EXCEPTION 'job %: stop_time % is before its start', j, t1
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE public.nodetime_per_job n SET stop_time = t1
+    WHERE n.job_id = j AND n.stop_time IS NULL;
+    GET DIAGNOSTICS ended = ROW_COUNT;
+    DELETE FROM kwollect.job_promote p WHERE p.job_id = j;
+    changes := kwollect.apply_job_promotions(j);
+    RETURN jsonb_build_object('job_id', j, 'stop_time', t1, 'nodes_ended', ended,
+                              'promoted_rows_removed', changes.removed);
+END $$;
+COMMENT ON FUNCTION api.job_end(integer, text) IS
+    'Scheduler hook (scheduler token only): job job_id ended at stop_time (default now); '
+    'its promotions are removed. Calling it again changes nothing.';
+
+-- User metrics: rows a job's node posts about itself (kwollect-api identifies the node by
+-- its address and sets kwollect.caller_node; see docs/jobs.md).  Bounded per job.
+INSERT INTO kwollect.settings (key, value) VALUES
+    ('user_metrics_max_rows_per_call', '1000'),
+    ('user_metrics_max_rows_per_minute', '6000'),
+    ('user_metrics_max_rows_per_job', '1000000'),
+    ('user_metrics_max_labels_bytes', '1024')
+ON CONFLICT (key) DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS kwollect.user_metrics_usage (
+    job_id      integer PRIMARY KEY,
+    total_rows  bigint NOT NULL DEFAULT 0,
+    minute      timestamptz NOT NULL,
+    minute_rows integer NOT NULL DEFAULT 0
+);
+
+CREATE OR REPLACE FUNCTION kwollect.insert_user_rows(p_rows jsonb)
+RETURNS SETOF public.metrics LANGUAGE plpgsql AS $$
+DECLARE
+    caller    text := nullif(current_setting('kwollect.caller_node', true), '');
+    job       record;
+    nrows     integer;
+    bad       record;
+    usage     kwollect.user_metrics_usage;
+    per_call  integer := kwollect.setting('user_metrics_max_rows_per_call')::integer;
+    per_min   integer := kwollect.setting('user_metrics_max_rows_per_minute')::integer;
+    per_job   bigint := kwollect.setting('user_metrics_max_rows_per_job')::bigint;
+    max_label integer := kwollect.setting('user_metrics_max_labels_bytes')::integer;
+BEGIN
+    IF caller IS NULL THEN
+        RAISE EXCEPTION 'insert_user_metrics: the caller is not identified as a node'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call it from a node of a running job, through kwollect-api.';
+    END IF;
+    SELECT n.job_id, n.start_time INTO job FROM public.nodetime_per_job n
+    WHERE n.node = caller AND n.stop_time IS NULL ORDER BY n.start_time DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'insert_user_metrics: node % is not in a running job', caller
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only the nodes of a running job may insert user metrics.';
+    END IF;
+    IF jsonb_typeof(p_rows) <> 'array' THEN
+        RAISE EXCEPTION 'insert_user_metrics expects an object or an array of objects'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    nrows := jsonb_array_length(p_rows);
+    IF nrows > per_call THEN
+        RAISE EXCEPTION 'insert_user_metrics: % rows in one call, over the limit of %', nrows, per_call
+            USING ERRCODE = 'PT413';
+    END IF;
+    SELECT e.ord, e.elem INTO bad
+    FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS e(elem, ord)
+    WHERE jsonb_typeof(e.elem) <> 'object'
+       OR (e.elem ? 'device_id' AND e.elem ->> 'device_id' IS DISTINCT FROM caller)
+    LIMIT 1;
+    IF FOUND AND jsonb_typeof(bad.elem) = 'object' THEN
+        RAISE EXCEPTION 'insert_user_metrics: row % names device_id %, but the caller is node %',
+            bad.ord, bad.elem ->> 'device_id', caller
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Leave device_id out: rows are stored under the calling node.';
+    END IF;
+    SELECT e.ord, e.elem INTO bad
+    FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS e(elem, ord)
+    WHERE jsonb_typeof(e.elem) <> 'object'
+       OR coalesce(e.elem ->> 'metric_id', '') !~ '^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$'
+       OR octet_length(coalesce(e.elem -> 'labels', '{}')::text) > max_label
+       OR coalesce(e.elem -> 'labels', '{}') ?| ARRAY['_job_id', '_device_alias']
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert_user_metrics: row % is invalid: %', bad.ord, left(bad.elem::text, 200)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('metric_id: letters, digits, _.:- (at most 100, not starting '
+                                'with a digit); labels: an object of at most %s bytes without '
+                                '_job_id or _device_alias.', max_label);
+    END IF;
+    -- Rate and size per job, counted under a row lock (concurrent calls queue here).
+    INSERT INTO kwollect.user_metrics_usage AS u (job_id, minute)
+    VALUES (job.job_id, date_trunc('minute', now()))
+    ON CONFLICT (job_id) DO NOTHING;
+    SELECT * INTO usage FROM kwollect.user_metrics_usage u WHERE u.job_id = job.job_id FOR UPDATE;
+    IF usage.minute <> date_trunc('minute', now()) THEN
+        usage.minute := date_trunc('minute', now());
+        usage.minute_rows := 0;
+    END IF;
+    IF usage.total_rows + nrows > per_job THEN
+        RAISE EXCEPTION 'insert_user_metrics: job % reached its limit of % rows', job.job_id, per_job
+            USING ERRCODE = 'PT429';
+    END IF;
+    IF usage.minute_rows + nrows > per_min THEN
+        RAISE EXCEPTION 'insert_user_metrics: job % sends more than % rows per minute',
+            job.job_id, per_min
+            USING ERRCODE = 'PT429', HINT = 'Retry in the next minute, or send fewer rows.';
+    END IF;
+    UPDATE kwollect.user_metrics_usage u
+    SET total_rows = usage.total_rows + nrows, minute = usage.minute,
+        minute_rows = usage.minute_rows + nrows
+    WHERE u.job_id = job.job_id;
+    -- Timestamps within the job: from its start to a minute from now.
+    SELECT e.ord, e.elem INTO bad
+    FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS e(elem, ord)
+    WHERE kwollect.parse_time(e.elem ->> 'timestamp', format('timestamp of row %s', e.ord))
+          NOT BETWEEN job.start_time AND now() + interval '1 minute'
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert_user_metrics: row % has a timestamp outside job % (from %)',
+            bad.ord, job.job_id, job.start_time USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY SELECT * FROM kwollect.insert_rows((
+        SELECT coalesce(jsonb_agg(e.elem || jsonb_build_object(
+                   'device_id', caller,
+                   'labels', coalesce(nullif(e.elem -> 'labels', 'null'), '{}')
+                             || jsonb_build_object('_job_id', job.job_id))
+                   ORDER BY e.ord), '[]')
+        FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS e(elem, ord)));
+END $$;
+
+-- SECURITY DEFINER: the node role can do nothing else (no INSERT on any table).
+CREATE OR REPLACE FUNCTION api.insert_user_metrics(
+    metric_id text,
+    value double precision DEFAULT 'NaN',
+    "timestamp" text DEFAULT NULL,
+    labels jsonb DEFAULT '{}')
+RETURNS SETOF public.metrics LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM kwollect.insert_user_rows(jsonb_build_array(jsonb_strip_nulls(
+        jsonb_build_object('metric_id', metric_id, 'timestamp', "timestamp", 'labels', labels))
+        || jsonb_build_object('value', value)))
+$$;
+COMMENT ON FUNCTION api.insert_user_metrics(text, double precision, text, jsonb) IS
+    'From a node of a running job, without a token: store one sample under the calling '
+    'node''s device_id, labelled with _job_id. Bounded per job (rows per call, per minute, '
+    'in total).';
+
+CREATE OR REPLACE FUNCTION api.insert_user_metrics(jsonb)
+RETURNS SETOF public.metrics LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM kwollect.insert_user_rows(CASE WHEN jsonb_typeof($1) = 'object'
+                                                 THEN jsonb_build_array($1) ELSE $1 END)
+$$;
+COMMENT ON FUNCTION api.insert_user_metrics(jsonb) IS
+    'insert_user_metrics for one JSON object or an array of them, atomically.';
+
+-- Job-wide metrics.  The operator's requests (kwollect-setup-db --jobmetrics_requests_path,
+-- one SELECT per line over the relation `jobmetrics`) run with `jobmetrics` showing the
+-- job's rows only; each request's columns become keys of the result.
+CREATE TABLE IF NOT EXISTS kwollect.jobmetrics_requests (
+    position integer PRIMARY KEY,
+    request  text NOT NULL
+);
+
+CREATE OR REPLACE VIEW public.jobmetrics AS
+SELECT m.*
+FROM public.metrics_by_job m
+WHERE m.job_id = nullif(current_setting('kwollect.job_id', true), '')::integer;
+
+DROP FUNCTION IF EXISTS kwollect.job_energy(integer, text);
+
+-- Built in, from the job's rows as get_metrics returns them (aliases summed): per node,
+-- the energy (trapezoidal integration of the job_energy_metric power, in Wh), the mean
+-- power over the time covered and the peak; and per node and metric, the completeness:
+-- samples stored against samples expected over the job's window at the series' period
+-- (the median interval between its samples), and the longest gap.
+CREATE OR REPLACE FUNCTION kwollect.job_builtin_metrics(p_job_id integer, p_metric text)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    WITH win AS MATERIALIZED (
+        SELECT r.start_time AS t0, r.end_time AS t1
+        FROM kwollect.metrics_request(p_job_id, NULL, NULL, NULL, NULL, NULL) r
+    ), rows AS MATERIALIZED (
+        SELECT m."timestamp" AS ts, m.device_id, m.metric_id, m.value, m.labels,
+               lag(m."timestamp") OVER s AS prev_ts, lag(m.value) OVER s AS prev
+        FROM api.get_metrics(job_id => p_job_id) m
+        WHERE NOT m.labels ? '_job_id'
+        WINDOW s AS (PARTITION BY m.device_id, m.metric_id, m.labels ORDER BY m."timestamp")
+    ), series AS (
+        SELECT r.device_id, r.metric_id, r.labels, count(*) AS stored,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', r.ts - r.prev_ts))
+                   FILTER (WHERE r.prev_ts IS NOT NULL AND r.ts > r.prev_ts) AS period_s,
+               max(date_part('epoch', r.ts - r.prev_ts)) AS max_gap_s
+        FROM rows r GROUP BY 1, 2, 3
+    ), completeness AS (
+        SELECT s.device_id, s.metric_id, sum(s.stored) AS stored,
+               sum(CASE WHEN s.period_s > 0
+                        THEN floor(date_part('epoch', win.t1 - win.t0) / s.period_s) + 1
+                        ELSE s.stored END) AS expected,
+               min(s.period_s) AS period_s, max(s.max_gap_s) AS max_gap_s
+        FROM series s, win GROUP BY 1, 2
+    ), power AS (
+        SELECT r.device_id,
+               sum((r.value + r.prev) / 2 * date_part('epoch', r.ts - r.prev_ts))
+                   FILTER (WHERE r.prev IS NOT NULL AND r.prev <> 'NaN') / 3600 AS energy_wh,
+               sum(date_part('epoch', r.ts - r.prev_ts))
+                   FILTER (WHERE r.prev IS NOT NULL AND r.prev <> 'NaN') AS covered_s,
+               max(r.value) AS peak_w
+        FROM rows r
+        WHERE r.metric_id = p_metric AND r.value <> 'NaN'
+        GROUP BY 1
+    )
+    SELECT jsonb_build_object(
+        'job_id', p_job_id,
+        'start_time', win.t0,
+        'end_time', win.t1,
+        'energy_metric', p_metric,
+        'job_energy_watthour', coalesce((SELECT sum(energy_wh) FROM power), 0),
+        'node_energy_watthour', coalesce((SELECT jsonb_object_agg(device_id, energy_wh)
+                                          FROM power WHERE energy_wh IS NOT NULL), '{}'),
+        'job_mean_power_watt', (SELECT sum(energy_wh * 3600 / covered_s) FROM power
+                                WHERE covered_s > 0),
+        'node_mean_power_watt', coalesce((SELECT jsonb_object_agg(device_id,
+                                                                  energy_wh * 3600 / covered_s)
+                                          FROM power WHERE covered_s > 0), '{}'),
+        'job_peak_power_watt', (SELECT max(peak_w) FROM power),
+        'node_peak_power_watt', coalesce((SELECT jsonb_object_agg(device_id, peak_w)
+                                          FROM power), '{}'),
+        'completeness', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'device_id', c.device_id, 'metric_id', c.metric_id,
+                       'stored', c.stored, 'expected', c.expected,
+                       'ratio', round((c.stored / greatest(c.expected, 1))::numeric, 4),
+                       'period_s', c.period_s, 'max_gap_s', c.max_gap_s)
+                   ORDER BY c.device_id COLLATE "C", c.metric_id COLLATE "C")
+            FROM completeness c), '[]'))
+    FROM win
+$$;
+
+CREATE OR REPLACE FUNCTION api.get_job_metrics(job_id integer)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    result   jsonb;
+    req      record;
+    row_json jsonb;
+BEGIN
+    result := kwollect.job_builtin_metrics(job_id, kwollect.setting('job_energy_metric'));
+    PERFORM set_config('kwollect.job_id', job_id::text, true);
+    FOR req IN SELECT position, request FROM kwollect.jobmetrics_requests ORDER BY position LOOP
+        BEGIN
+            EXECUTE format('SELECT to_jsonb(q) FROM (%s) q LIMIT 1', req.request) INTO row_json;
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION 'job metrics request % failed: %', req.position, SQLERRM
+                USING HINT = 'Fix the line in the file given to --jobmetrics_requests_path '
+                             'and re-run kwollect-setup-db.';
+        END;
+        result := result || coalesce(row_json, '{}');
+    END LOOP;
+    PERFORM set_config('kwollect.job_id', '', true);
+    RETURN result;
+END $$;
+COMMENT ON FUNCTION api.get_job_metrics(integer) IS
+    'Job-wide metrics: energy (Wh), mean and peak power per node and for the job, data '
+    'completeness per node and metric, plus the site''s configured requests.';
