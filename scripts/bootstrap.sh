@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(postgresql postgresql-contrib snmpd snmp openipmi freeipmi-tools ipmitool
               prometheus-node-exporter)
 APT_PACKAGES+=(chromium chromium-driver curl)   # the web view's browser test; the guides' curl commands
+APT_PACKAGES+=(slurm-wlm munge oar-server oar-user)   # the job tests run real Slurm and OAR tools
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

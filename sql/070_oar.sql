@@ -145,7 +145,8 @@ BEGIN
     BEGIN
         result := kwollect.oar_sync();
         UPDATE kwollect.oar_sync_state SET last_error = NULL;
-    EXCEPTION WHEN others THEN
+    -- query_canceled too: OAR's statement_timeout (a slow OAR) cancels the remote query
+    EXCEPTION WHEN others OR query_canceled THEN
         UPDATE kwollect.oar_sync_state SET last_error = SQLERRM, last_error_at = now();
         RAISE WARNING 'kwollect: cannot read OAR''s jobs (job rows kept as they are): %', SQLERRM;
         result := jsonb_build_object('scheduler', 'oar', 'error', SQLERRM);
