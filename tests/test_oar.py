@@ -13,8 +13,8 @@ import pytest
 
 from kwollect.store import setupdb_oar
 from kwollect.store.setupdb import main as setup_db_main
-from tests.fixtures.oar import OAR_RO_PASSWORD
 from tests.fixtures.kwdb import READER_PASSWORD, WRITER_PASSWORD
+from tests.fixtures.oar import OAR_RO_PASSWORD
 from tests.sqlapi import UTC, get_metrics, load, series
 
 
