@@ -31,6 +31,7 @@ from aiohttp import web
 from kwollect.errors import KwollectError
 from kwollect.gateway import config, openapi, webui
 from kwollect.gateway.auth import Authenticator, Identity
+from kwollect.gateway.callers import NodeResolver
 from kwollect.gateway.catalog import Call, Catalog, Shape, load_catalog, quote_ident
 from kwollect.gateway.errors import ApiError, from_postgres, unavailable
 from kwollect.gateway.formats import DELIMITER, QUOTE, Format, Framing, negotiate
@@ -61,6 +62,9 @@ HEALTH_TIMEOUT_S = 2.0
 SESSION = {"application_name": "kwollect-api", "TimeZone": "UTC", "DateStyle": "ISO, YMD"}
 OPENAPI_MEDIA = "application/openapi+json"
 FORM_MEDIA = "application/x-www-form-urlencoded"
+# Called without a token from a job's node: run as the node role, for the node the
+# caller's address names (kwollect.caller_node), whatever Authorization says.
+NODE_FUNCTIONS = frozenset({"insert_user_metrics"})
 
 
 class StreamBroken(KwollectError):
@@ -307,6 +311,9 @@ class Gateway:
                                   settings.role_claim_path)
         self.pool: asyncpg.Pool | None = None
         self.catalog: Catalog | None = None
+        self.callers = NodeResolver(settings.node_map, settings.node_reverse_dns,
+                                    settings.trusted_proxies)
+        self.node_role = settings.node_role
         self._loaded_at = 0.0
         self._miss_reload_at = 0.0
         self._miss_reload: asyncio.Task | None = None
@@ -341,6 +348,8 @@ class Gateway:
             try:
                 async with self.pool.acquire(timeout=self.settings.pool_timeout) as conn:
                     catalog = await load_catalog(conn, self.settings.schemas)
+                    if self.settings.node_role is None:
+                        self.node_role = await _database_node_role(conn)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._faults.error("catalog", "cannot load the schema cache of %s (retrying): %s",
                                    ", ".join(self.settings.schemas), exc or type(exc).__name__)
@@ -482,7 +491,10 @@ class Gateway:
                            "of functions.")
         get = request.method == "GET"
         schema = self._schema(request, "Accept-Profile" if get else "Content-Profile")
-        identity = self.auth.identify(request.headers.get("Authorization"))
+        if name in NODE_FUNCTIONS:
+            identity = await self._node_identity(request, name)
+        else:
+            identity = self.auth.identify(request.headers.get("Authorization"))
         request["role"] = identity.role
         fmt = negotiate(request.headers.get("Accept"))
         assert isinstance(fmt, Format)
@@ -504,6 +516,24 @@ class Gateway:
         self._check_arguments(call)
         readonly = get or call.function.read_only
         return await self._execute(request, identity, call, fmt, readonly)
+
+    async def _node_identity(self, request: web.Request, name: str) -> Identity:
+        """The node role, for the node the caller's address names; 403 for anyone else."""
+        address = self.callers.client_address(request.remote,
+                                              request.headers.get("X-Forwarded-For"))
+        node = await self.callers.node_of(address)
+        if node is None or self.node_role is None:
+            why = ("this kwollect-api maps no address to a node" if not self.callers.enabled
+                   else f"{address or 'the caller'} is not a known node")
+            if self.node_role is None:
+                why = "this database has no node role (kwollect-setup-db too old)"
+            raise ApiError(403, "KW403", f"{name}: {why}",
+                           hint="Call it from a node of a running job. Operators name nodes "
+                                "by address with kwollect-node-map-file or "
+                                "kwollect-node-reverse-dns.")
+        request["settings"] = [("kwollect.caller_node", node)]
+        # identified (by address): refusals are 403, not 401
+        return Identity(self.node_role, {"role": self.node_role, "node": node}, True)
 
     async def _require_execute(self, request: web.Request, identity: Identity,
                                catalog: Catalog, schema: str, name: str) -> None:
@@ -621,6 +651,7 @@ class Gateway:
         if self.settings.max_rows:
             pairs.append(("kwollect.max_rows", str(self.settings.max_rows)))
         pairs += list(self.settings.app_settings.items())
+        pairs += request.get("settings", [])
         pairs += call.settings()
         return pairs
 
@@ -762,6 +793,16 @@ class Gateway:
 def _where(request: web.Request) -> str:
     """'METHOD /path?query' for a log line, escaped (the raw target, as the client sent it)."""
     return excerpt(f"{request.method} {request.raw_path}", 300)
+
+
+async def _database_node_role(conn: asyncpg.Connection) -> str | None:
+    """The node role kwollect-setup-db created (None for a database without one)."""
+    try:
+        async with conn.transaction(readonly=True):
+            return await conn.fetchval("SELECT value FROM kwollect.settings "
+                                       "WHERE key = 'node_role'")
+    except asyncpg.PostgresError:
+        return None
 
 
 def _query_values(request: web.Request) -> dict[str, list[str]]:

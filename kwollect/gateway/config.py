@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kwollect.gateway.callers import IpNetwork, load_node_map, parse_networks
 from kwollect.options import OptionError
 
 log = logging.getLogger("kwollect.api")
@@ -34,6 +35,8 @@ OWN_KEYS = {
     "kwollect-max-param-bytes", "kwollect-max-json-depth", "kwollect-header-timeout",
     "kwollect-body-timeout", "kwollect-send-timeout", "kwollect-max-connections",
     "kwollect-spool-bytes",
+    "kwollect-node-map-file", "kwollect-node-reverse-dns", "kwollect-trusted-proxies",
+    "kwollect-node-role",
 }
 DEFAULTS: dict[str, Any] = {
     "db-uri": "postgresql://",
@@ -64,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "kwollect-send-timeout": 30,
     "kwollect-max-connections": 1000,
     "kwollect-spool-bytes": 256 * 1024 * 1024,
+    "kwollect-node-map-file": "",
+    "kwollect-node-reverse-dns": False,
+    "kwollect-trusted-proxies": "",
+    "kwollect-node-role": "",
 }
 LOG_LEVELS = {"crit": logging.CRITICAL, "critical": logging.CRITICAL, "error": logging.ERROR,
               "warn": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO,
@@ -98,6 +105,11 @@ class Settings:
     max_connections: int = DEFAULTS["kwollect-max-connections"]
     spool_bytes: int = DEFAULTS["kwollect-spool-bytes"]
     app_settings: dict[str, str] = field(default_factory=dict)
+    # insert_user_metrics: callers named from their address (kwollect.gateway.callers)
+    node_map: dict[str, str] = field(default_factory=dict)
+    node_reverse_dns: bool = False
+    trusted_proxies: tuple[IpNetwork, ...] = ()
+    node_role: str | None = None
 
 
 def parse_role_claim_key(text: str) -> tuple[str | int, ...]:
@@ -290,6 +302,11 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
         max_connections=_as_int(values, "kwollect-max-connections", 1),
         spool_bytes=_as_int(values, "kwollect-spool-bytes"),
         app_settings={k: str(v) for k, v in values.items() if k.startswith("app.settings.")},
+        node_map=(load_node_map(str(values["kwollect-node-map-file"]))
+                  if values["kwollect-node-map-file"] else {}),
+        node_reverse_dns=_as_bool(values["kwollect-node-reverse-dns"]),
+        trusted_proxies=parse_networks(str(values["kwollect-trusted-proxies"])),
+        node_role=str(values["kwollect-node-role"]) or None,
     )
 
 

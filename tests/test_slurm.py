@@ -1,0 +1,110 @@
+"""Slurm: the shipped PrologSlurmctld/EpilogSlurmctld hook, run by a real slurmctld for a
+real two-node job, records the job and its promotion through kwollect-api, and removes the
+promotion at the job's end; a kwollect outage never holds a job."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from kwollect.store.setupdb import make_token
+from tests.fixtures.slurm import start_slurm
+
+HOOK = Path(__file__).resolve().parents[1] / "slurm" / "kwollect-slurm-hook"
+NODES = ("slurmnode-1", "slurmnode-2")
+
+
+@pytest.fixture(scope="module")
+def slurm(slurm_binaries, gateway):
+    # munged wants o+x on every directory above its socket: not under pytest's (0700) tmp
+    directory = Path(tempfile.mkdtemp(prefix="kwollect-slurm-"))
+    hook = directory / "kwollect-slurm-hook"
+    shutil.copy(HOOK, hook)
+    token = directory / "scheduler.token"
+    token.write_text(make_token(gateway.secret, "kwuser_scheduler", 1) + "\n")
+    token.chmod(0o600)
+    conf = directory / "kwollect-slurm-hook.conf"
+    conf.write_text(f"KWOLLECT_API={gateway.url}\nKWOLLECT_TOKEN_FILE={token}\n"
+                    f"KWOLLECT_LOG_FILE={directory}/hook.log\n"
+                    f"SLURM_CONF={directory}/slurm.conf\nexport SLURM_CONF\n")
+    cluster = start_slurm(directory, NODES, str(hook))
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def wait_for(condition, timeout=60.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(step)
+
+
+def sbatch(slurm, *args: str) -> int:
+    return int(slurm.run("sbatch", "--parsable", "-o", "/dev/null", *args).strip().split(";")[0])
+
+
+async def test_slurm_job_rows_and_promotion_follow_the_job(slurm, writer):
+    submitted = time.monotonic()
+    job = sbatch(slurm, "-N2", "--comment", "monitor=bmc_.* other-word", "--wrap", "sleep 4")
+
+    async def running():
+        rows = await writer.fetch("SELECT node, stop_time FROM nodetime_per_job "
+                                  "WHERE job_id = $1 ORDER BY node", job)
+        return rows if len(rows) == 2 else None
+    rows = await wait_for(running)
+    assert [(r["node"], r["stop_time"]) for r in rows] == [(n, None) for n in NODES]
+    promoted = await writer.fetch("SELECT device_id, metric_id FROM promoted_metrics "
+                                  "WHERE job_id = $1 ORDER BY 1", job)
+    assert [tuple(r) for r in promoted] == [(n, "bmc_.*") for n in NODES]
+    started = time.monotonic() - submitted
+
+    async def ended():
+        return await writer.fetchval("SELECT bool_and(stop_time IS NOT NULL) FROM "
+                                     "nodetime_per_job WHERE job_id = $1", job)
+    await wait_for(ended)
+    assert await writer.fetchval("SELECT count(*) FROM promoted_metrics WHERE job_id = $1",
+                                 job) == 0
+    window = await writer.fetchrow("SELECT min(start_time) AS t0, max(stop_time) AS t1 "
+                                   "FROM nodetime_per_job WHERE job_id = $1", job)
+    assert 3 <= (window["t1"] - window["t0"]).total_seconds() <= 30
+    print(f"sbatch -> job rows and promotion: {started:.2f} s")
+
+
+async def test_a_job_without_monitor_promotes_nothing(slurm, writer):
+    job = sbatch(slurm, "-N1", "--comment", "monitoring please", "--wrap", "sleep 1")
+
+    async def ended():
+        return await writer.fetchval("SELECT bool_and(stop_time IS NOT NULL) FROM "
+                                     "nodetime_per_job WHERE job_id = $1", job)
+    await wait_for(ended)
+    assert await writer.fetchval("SELECT count(*) FROM promoted_metrics WHERE job_id = $1",
+                                 job) == 0
+
+
+async def test_kwollect_down_never_holds_a_job(slurm, writer):
+    conf = slurm.directory / "kwollect-slurm-hook.conf"
+    saved = conf.read_text()
+    conf.write_text(saved + "KWOLLECT_API=http://127.0.0.1:9\nKWOLLECT_TIMEOUT=2\n")
+    try:
+        job = sbatch(slurm, "-N1", "--wrap", "sleep 1")
+
+        async def completed():
+            out = slurm.run("scontrol", "show", "job", str(job))
+            return "JobState=COMPLETED" in out
+        await wait_for(completed)
+    finally:
+        conf.write_text(saved)
+    assert await writer.fetchval("SELECT count(*) FROM nodetime_per_job WHERE job_id = $1",
+                                 job) == 0
+    log = (slurm.directory / "hook.log").read_text()
+    assert f"job {job}: job_start failed" in log and "Bearer" not in log
