@@ -14,8 +14,9 @@ from tests.sqlapi import UTC, get_metrics, load, series
 
 @pytest.fixture
 async def scheduler(kwdb):
-    """The scheduler role, as kwollect-api runs a call made with the scheduler token."""
-    conn = await kwdb.connect("kwuser")
+    """The scheduler role, as kwollect-api (logged in as kwuser_api) runs a call made with
+    the scheduler token."""
+    conn = await kwdb.connect("kwuser_api")
     await conn.execute("SET ROLE kwuser_scheduler")
     yield conn
     await conn.close()

@@ -15,7 +15,9 @@ import asyncpg
 import pytest
 
 WRITER_DEFINER_ALLOWED = {"kwollect.ensure_partitions(timestamp with time zone[])",
-                          "kwollect.maintain()"}
+                          "kwollect.maintain()",
+                          # `kwollect maintain` and update_promoted_metrics copy OAR's jobs
+                          "kwollect.sync_jobs()"}
 
 # Statements no role but the owner (and superusers) may run.
 FORBIDDEN_TO_ALL = (

@@ -34,7 +34,7 @@ def node_gateway(kwdb, tmp_path_factory):
 
 @pytest.fixture
 async def job(kwdb):
-    conn = await kwdb.connect("kwuser")
+    conn = await kwdb.connect("kwuser_api")
     await conn.execute("SET ROLE kwuser_scheduler")
     await conn.fetchval("SELECT api.job_start(72001, 'um-1,um-2', "
                         "(extract(epoch FROM now()) - 60)::text)")
@@ -46,10 +46,10 @@ async def job(kwdb):
 async def post(server, source: str, body, headers=None):
     """POST /rpc/insert_user_metrics from the loopback address `source`."""
     connector = aiohttp.TCPConnector(local_addr=(source, 0))
-    async with aiohttp.ClientSession(connector=connector) as http:
-        async with http.post(f"{server.url}/rpc/insert_user_metrics", json=body,
-                             headers=headers or {}) as response:
-            return response.status, await response.json(content_type=None)
+    async with aiohttp.ClientSession(connector=connector) as http, \
+            http.post(f"{server.url}/rpc/insert_user_metrics", json=body,
+                      headers=headers or {}) as response:
+        return response.status, await response.json(content_type=None)
 
 
 async def test_a_job_node_stores_under_its_own_device_id(node_gateway, job, reader):

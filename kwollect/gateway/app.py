@@ -349,7 +349,8 @@ class Gateway:
                 async with self.pool.acquire(timeout=self.settings.pool_timeout) as conn:
                     catalog = await load_catalog(conn, self.settings.schemas)
                     if self.settings.node_role is None:
-                        self.node_role = await _database_node_role(conn)
+                        self.node_role = await _database_node_role(conn,
+                                                                   self.settings.anon_role)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._faults.error("catalog", "cannot load the schema cache of %s (retrying): %s",
                                    ", ".join(self.settings.schemas), exc or type(exc).__name__)
@@ -795,10 +796,13 @@ def _where(request: web.Request) -> str:
     return excerpt(f"{request.method} {request.raw_path}", 300)
 
 
-async def _database_node_role(conn: asyncpg.Connection) -> str | None:
-    """The node role kwollect-setup-db created (None for a database without one)."""
+async def _database_node_role(conn: asyncpg.Connection, anon_role: str | None) -> str | None:
+    """The node role kwollect-setup-db created (None for a database without one), read as
+    the anonymous role (the gateway's own login has no privilege)."""
     try:
         async with conn.transaction(readonly=True):
+            if anon_role:
+                await conn.fetchval("SELECT set_config('role', $1, true)", anon_role)
             return await conn.fetchval("SELECT value FROM kwollect.settings "
                                        "WHERE key = 'node_role'")
     except asyncpg.PostgresError:
