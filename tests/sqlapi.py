@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -54,3 +56,15 @@ async def load_job(kwdb, rows: list[tuple], job_id: int, nodes: list[str], start
                                  [(job_id, start, stop, node) for node in nodes])
     finally:
         await writer.close()
+
+
+async def wait_for(condition, timeout: float = 60.0, step: float = 0.05):
+    """Await `condition()` until it returns something true (returned), or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(step)

@@ -14,22 +14,13 @@ import pytest
 from kwollect.store import setupdb_oar
 from kwollect.store.setupdb import main as setup_db_main
 from tests.fixtures.kwdb import READER_PASSWORD, WRITER_PASSWORD
-from tests.fixtures.oar import OAR_RO_PASSWORD
+from tests.fixtures.oar import link_args
 from tests.sqlapi import UTC, get_metrics, load, series
-
-
-def oar_args(kwdb, oar_db, tmp_path, *extra: str) -> list[str]:
-    password = tmp_path / "oardb_password"
-    password.write_text(OAR_RO_PASSWORD + "\n")
-    return ["--db_host", kwdb.cluster.socket_dir, "--db_port", str(kwdb.cluster.port),
-            "--kwollect_db_name", kwdb.name, "--oardb_host", "127.0.0.1",
-            "--oardb_port", str(kwdb.cluster.port), "--oardb_name", oar_db.name,
-            "--oardb_user", "oar_ro", "--oardb_password_file", str(password), *extra]
 
 
 @pytest.fixture(scope="module")
 async def oar_linked(kwdb, oar_db, tmp_path_factory):
-    args = oar_args(kwdb, oar_db, tmp_path_factory.mktemp("oarlink"))
+    args = link_args(kwdb, oar_db, tmp_path_factory.mktemp("oarlink"))
     assert await asyncio.to_thread(setupdb_oar.main, args) == 0
     conn = await kwdb.connect("admin")
     yield oar_db
@@ -169,7 +160,7 @@ async def test_rerunning_both_setups_keeps_jobs(oar_linked, kwdb, admin, tmp_pat
     assert await asyncio.to_thread(setup_db_main, [
         "--db_host", kwdb.cluster.socket_dir, "--db_port", str(kwdb.cluster.port),
         "--kwollect_password", WRITER_PASSWORD, "--kwollect_password_ro", READER_PASSWORD]) == 0
-    assert await asyncio.to_thread(setupdb_oar.main, oar_args(kwdb, oar, tmp_path)) == 0
+    assert await asyncio.to_thread(setupdb_oar.main, link_args(kwdb, oar, tmp_path)) == 0
     assert "OAR linked" in capsys.readouterr().out
     assert await admin.fetchval("SELECT count(*) FROM nodetime_per_job") == before
     assert await promoted(admin, job) == [("oarnode-3", "x_.*")]
@@ -182,9 +173,9 @@ def test_setup_db_oar_errors(kwdb, oar_db, tmp_path, capsys):
     assert setupdb_oar.main(["--db_host", kwdb.cluster.socket_dir, "--db_port",
                              str(kwdb.cluster.port), "--kwollect_db_name", kwdb.name]) == 1
     assert "oardb_password" in capsys.readouterr().err
-    args = oar_args(kwdb, oar_db, tmp_path)
+    args = link_args(kwdb, oar_db, tmp_path)
     (tmp_path / "oardb_password").write_text("wrong-password")
     assert setupdb_oar.main(args) == 1
     err = capsys.readouterr().err
     assert "cannot be read" in err and "wrong-password" not in err
-    assert setupdb_oar.main(oar_args(kwdb, oar_db, tmp_path)) == 0
+    assert setupdb_oar.main(link_args(kwdb, oar_db, tmp_path)) == 0

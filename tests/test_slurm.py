@@ -4,53 +4,21 @@ promotion at the job's end; a kwollect outage never holds a job."""
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from kwollect.store.setupdb import make_token
-from tests.fixtures.slurm import start_slurm
+from tests.fixtures.slurm import sbatch, start_slurm_with_hook
+from tests.sqlapi import wait_for
 
-HOOK = Path(__file__).resolve().parents[1] / "slurm" / "kwollect-slurm-hook"
 NODES = ("slurmnode-1", "slurmnode-2")
 
 
 @pytest.fixture(scope="module")
 def slurm(slurm_binaries, gateway):
-    # munged wants o+x on every directory above its socket: not under pytest's (0700) tmp
-    directory = Path(tempfile.mkdtemp(prefix="kwollect-slurm-"))
-    hook = directory / "kwollect-slurm-hook"
-    shutil.copy(HOOK, hook)
-    token = directory / "scheduler.token"
-    token.write_text(make_token(gateway.secret, "kwuser_scheduler", 1) + "\n")
-    token.chmod(0o600)
-    conf = directory / "kwollect-slurm-hook.conf"
-    conf.write_text(f"KWOLLECT_API={gateway.url}\nKWOLLECT_TOKEN_FILE={token}\n"
-                    f"KWOLLECT_LOG_FILE={directory}/hook.log\n"
-                    f"SLURM_CONF={directory}/slurm.conf\nexport SLURM_CONF\n")
-    cluster = start_slurm(directory, NODES, str(hook))
+    cluster = start_slurm_with_hook(gateway, NODES)
     yield cluster
     cluster.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-async def wait_for(condition, timeout=60.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(step)
-
-
-def sbatch(slurm, *args: str) -> int:
-    return int(slurm.run("sbatch", "--parsable", "-o", "/dev/null", *args).strip().split(";")[0])
 
 
 async def test_slurm_job_rows_and_promotion_follow_the_job(slurm, writer):
@@ -106,5 +74,5 @@ async def test_kwollect_down_never_holds_a_job(slurm, writer):
         conf.write_text(saved)
     assert await writer.fetchval("SELECT count(*) FROM nodetime_per_job WHERE job_id = $1",
                                  job) == 0
-    log = (slurm.directory / "hook.log").read_text()
+    log = (slurm.directory / "hook.log").read_text()  # the token is never logged
     assert f"job {job}: job_start failed" in log and "Bearer" not in log
