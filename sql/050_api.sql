@@ -63,7 +63,10 @@ BEGIN
     metrics := kwollect.split_list(p_metrics);
     IF p_job_id IS NOT NULL THEN
         SELECT min(j.start_time),
-               CASE WHEN bool_or(j.stop_time IS NULL) THEN now() ELSE max(j.stop_time) END,
+               -- a running job ends now, or at its start when the scheduler's clock
+               -- (OAR: whole seconds) puts that a little ahead of ours
+               CASE WHEN bool_or(j.stop_time IS NULL) THEN greatest(now(), min(j.start_time))
+                    ELSE max(j.stop_time) END,
                array_agg(DISTINCT j.node)
           INTO job_start, job_stop, job_nodes
           FROM public.nodetime_by_job j WHERE j.job_id = p_job_id;

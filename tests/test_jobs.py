@@ -152,3 +152,11 @@ async def test_get_job_metrics_energy_power_and_completeness(scheduler, writer, 
     gap = completeness[("je3-2", "bmc_node_power_watt")]
     assert (gap["stored"], gap["expected"], gap["max_gap_s"]) == (301, 361, 610.0)
     assert completeness[("je3-2", "temp")]["expected"] == 61
+
+
+async def test_a_job_starting_a_little_ahead_of_our_clock(scheduler, reader):
+    """OAR stores whole seconds: a job that started 'now' may start after the server's now."""
+    ahead = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    await job_start(scheduler, 71060, "ahead-1", ahead)
+    assert await get_metrics(reader, job_id=71060) == []
+    await job_end(scheduler, 71060, ahead)

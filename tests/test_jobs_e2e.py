@@ -55,9 +55,12 @@ class SlurmJobs:
 
     def __init__(self, gateway) -> None:
         self.cluster = start_slurm_with_hook(gateway, self.nodes)
+        self.started: list[int] = []
 
     async def start(self, http, gateway) -> int:
-        return sbatch(self.cluster, "-N2", "--comment", "monitor=bmc_fan.*", "--wrap", "sleep 8")
+        job = sbatch(self.cluster, "-N2", "--comment", "monitor=bmc_fan.*", "--wrap", "sleep 8")
+        self.started.append(job)
+        return job
 
     async def end(self, http, gateway, job) -> None:
         """Slurm ends the job by itself; the epilog records the end."""
@@ -72,9 +75,11 @@ class OarJobs:
     def __init__(self, oar_db, kwdb) -> None:
         self.oar = oar_db
         self.kwdb = kwdb
+        self.started: list[int] = []
 
     async def start(self, http, gateway) -> int:
         job = self.oar.oarsub("nobody", ("monitor=bmc_fan.*",), nodes=2)
+        self.started.append(job)
         self.oar.start(job, ("oarnode-1.site.example", "oarnode-2.site.example"))
         # OAR's server prologue calls the reference endpoint with the writer token
         await api(http, gateway, "update_promoted_metrics", {},
@@ -106,6 +111,9 @@ async def scheduler(request, gateway, kwdb):
     jobs.stop()
     admin = await kwdb.connect("admin")
     await admin.execute("UPDATE kwollect.settings SET value = 'none' WHERE key = 'job_source'")
+    # a failed test's job must not keep promoting for the tests after this one
+    await admin.execute("DELETE FROM kwollect.job_promote WHERE job_id = ANY($1)", jobs.started)
+    await admin.execute("DELETE FROM promoted_metrics WHERE job_id = ANY($1)", jobs.started)
     await admin.close()
 
 

@@ -14,7 +14,7 @@ import pytest
 from kwollect.store import setupdb_oar
 from kwollect.store.setupdb import main as setup_db_main
 from tests.fixtures.kwdb import READER_PASSWORD, WRITER_PASSWORD
-from tests.fixtures.oar import link_args
+from tests.fixtures.oar import FIRST_JOB_ID, link_args
 from tests.sqlapi import UTC, get_metrics, load, series
 
 
@@ -24,7 +24,10 @@ async def oar_linked(kwdb, oar_db, tmp_path_factory):
     assert await asyncio.to_thread(setupdb_oar.main, args) == 0
     conn = await kwdb.connect("admin")
     yield oar_db
+    # whatever a failed test left running: OAR's jobs promote nothing any more
     await conn.execute("UPDATE kwollect.settings SET value = 'none' WHERE key = 'job_source'")
+    await conn.execute("DELETE FROM kwollect.job_promote WHERE job_id >= $1", FIRST_JOB_ID)
+    await conn.execute("DELETE FROM promoted_metrics WHERE job_id >= $1", FIRST_JOB_ID)
     await conn.close()
 
 
