@@ -69,14 +69,3 @@ async def wait_for(condition, timeout: float = 60.0, step: float = 0.05):
             raise TimeoutError("condition not met")
         await asyncio.sleep(step)
 
-
-def restore_api_password(kwdb) -> None:
-    """Set kwuser_api's password back to kwdb's (the gateway fixtures' configuration).
-
-    The role is cluster-wide but its password is kept per database: kwollect-setup-db on
-    another database of the test cluster (tests/test_setup_db.py) changes it, and the
-    session's gateways can no longer connect.
-    """
-    kwdb.cluster.psql("DO $$ BEGIN EXECUTE format('ALTER ROLE kwuser_api PASSWORD %L', "
-                      "(SELECT api_password FROM kwollect.api_secret)); END $$",
-                      database=kwdb.name)

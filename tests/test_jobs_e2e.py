@@ -18,7 +18,7 @@ from kwollect.store import setupdb_oar
 from kwollect.store.setupdb import make_token
 from tests.fixtures.oar import link_args
 from tests.fixtures.slurm import sbatch, start_slurm_with_hook
-from tests.sqlapi import restore_api_password, wait_for
+from tests.sqlapi import wait_for
 from tests.test_kwollector import OIDS, Kwollector
 
 POWER_MS = 1000
@@ -98,7 +98,6 @@ class OarJobs:
 
 @pytest.fixture(params=["slurm", "oar"])
 async def scheduler(request, gateway, kwdb):
-    restore_api_password(kwdb)
     if request.param == "slurm":
         request.getfixturevalue("slurm_binaries")
         jobs = SlurmJobs(gateway)

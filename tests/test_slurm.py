@@ -9,14 +9,13 @@ import time
 import pytest
 
 from tests.fixtures.slurm import sbatch, start_slurm_with_hook
-from tests.sqlapi import restore_api_password, wait_for
+from tests.sqlapi import wait_for
 
 NODES = ("slurmnode-1", "slurmnode-2")
 
 
 @pytest.fixture(scope="module")
-def slurm(slurm_binaries, gateway, kwdb):
-    restore_api_password(kwdb)
+def slurm(slurm_binaries, gateway):
     cluster = start_slurm_with_hook(gateway, NODES)
     yield cluster
     cluster.stop()

@@ -11,7 +11,6 @@ import pytest
 
 from kwollect.store.setupdb import make_token
 from tests.fixtures.gateway import start_gateway
-from tests.sqlapi import restore_api_password
 
 NODE_MAP = """# address  node
 127.0.0.2  um-1.site.example
@@ -23,7 +22,6 @@ PROXY = "127.0.0.5"
 
 @pytest.fixture(scope="module")
 def node_gateway(kwdb, tmp_path_factory):
-    restore_api_password(kwdb)
     directory = tmp_path_factory.mktemp("node-gateway")
     node_map = directory / "nodes"
     node_map.write_text(NODE_MAP)
