@@ -23,16 +23,13 @@ import math
 import resource
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 from kwollect.collect.kwollector import tune_gc
-from kwollect.collect.promotion import Promotions
-from kwollect.collect.scheduler import Scheduler
+from kwollect.dev.isolation import run_beside
 from kwollect.dev.simulators.hostile import HostileExporter
 from kwollect.dev.simulators.snmp import BULK, start_snmpd, stop_snmpd
-from kwollect.model import MetricDescription, Reading
+from kwollect.model import MetricDescription
 
 HOSTILE = {"100k lines every 10 s": ("lines/100000", 10_000),
            "1M lines every 1 s": ("lines/1000000", 1000),
@@ -40,16 +37,7 @@ HOSTILE = {"100k lines every 10 s": ("lines/100000", 10_000),
 
 
 async def run(agent_url: str, targets: int, seconds: float,
-              hostile: HostileExporter | None) -> dict[str, float]:
-    readings: list[Reading] = []
-    flood = defaultdict(int)
-
-    def submit(batch):
-        if batch[0].device_id.startswith("hostile"):
-            flood[batch[0].device_id] += len(batch)
-        else:
-            readings.extend(batch)
-
+              hostile: HostileExporter | None) -> dict[str, object]:
     descriptions = [MetricDescription(name="live", device_id=f"live-{i}", update_every_ms=1000,
                                       url=f"{agent_url}?max_varbinds={30 + i}")
                     for i in range(targets)]
@@ -57,36 +45,17 @@ async def run(agent_url: str, targets: int, seconds: float,
         descriptions += [MetricDescription(name="flood", device_id=f"hostile-{n}",
                                            url=hostile.url(path), update_every_ms=period)
                          for n, (path, period) in enumerate(HOSTILE.values())]
-    scheduler = Scheduler(submit, Promotions(), timeout_s=10.0)
-    scheduler.apply(descriptions)
-    start = time.time()
-    try:
-        await asyncio.sleep(seconds)
-        stop = time.time()
-        stats = list(scheduler.target_stats)
-    finally:
-        await scheduler.close()
-    first, last = math.ceil(start + 1), math.ceil(stop - 1)
-    late: dict[str, list[float]] = defaultdict(list)
-    stamps: dict[str, list[float]] = defaultdict(list)
-    for r in readings:
-        at = r.timestamp_us / 1e6
-        stamps[r.device_id].append(at)
-        if first <= math.floor(at) < last:
-            late[r.device_id].append(at - math.floor(at))
-    lateness = sorted(x for v in late.values() for x in v)
-    gaps = [b - a for v in stamps.values() for a, b in zip(sorted(v), sorted(v)[1:],
-                                                            strict=False)]
-    live = [s for s in stats if s.name.startswith("snmp://")]
-    prom = [s for s in stats if s.name.startswith("prometheus://")]
-    return {"polled": sum(len(v) for v in late.values()),
-            "expected": (last - first) * targets,
-            "worst gap s": max(gaps, default=math.nan),
-            "lateness p99 ms": lateness[int(len(lateness) * 0.99)] * 1000,
-            "lateness max ms": lateness[-1] * 1000,
+    result = await run_beside(descriptions, seconds, timeout_s=10.0)
+    live = result.target_stats("snmp")
+    prom = result.target_stats("prometheus")
+    return {"polled": sum(result.polled(f"live-{i}") for i in range(targets)),
+            "expected": result.expected * targets,
+            "worst gap s": max(result.gaps, default=math.nan),
+            "lateness p99 ms": result.lateness_quantile(0.99) * 1000,
+            "lateness max ms": result.lateness_quantile(1.0) * 1000,
             "missed+overruns+timeouts": sum(s.missed_ticks + s.overruns + s.timeouts
                                             for s in live),
-            "hostile readings": sum(flood.values()),
+            "hostile readings": sum(result.flood.values()),
             "hostile polls ok/errors/timeouts": (f"{sum(s.polls for s in prom)}/"
                                                  f"{sum(s.errors for s in prom)}/"
                                                  f"{sum(s.timeouts for s in prom)}")}
