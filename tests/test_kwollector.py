@@ -228,11 +228,16 @@ async def test_database_outage_and_restart_lose_nothing(collector, snmp_agent, w
     # lossless: every value either run read is stored, exactly once
     collected = sum(int(m) for m in re.findall(r"stopped: collected=(\d+)", k.log()))
     assert collected == await count_rows(kwdb, "kw3-pdu") > 0
-    # and the runs read (nearly) every tick: a tick can be skipped on a loaded machine
+    # and each run read (nearly) every tick from its first poll on, through the outage: a
+    # tick can be skipped on a loaded machine; how long the process took to start (3 s of
+    # imports under a load of 10 on 2 cores) is not what this checks
     stamps = [r["timestamp"].timestamp() for r in stored]
     ticks = {round(t * 2) for t in stamps}  # 500 ms period: one reading per half second
     for start, stop in (runs[0:2], runs[2:4]):
-        expected = set(range(int((start + 2) * 2), int((stop - 1) * 2)))
+        window = range(int(start * 2), int((stop - 1) * 2))
+        first = min(tick for tick in ticks if tick in window)
+        expected = set(range(first, window.stop))
+        assert len(expected) >= 10, (start, stop, first)
         assert len(expected - ticks) <= len(expected) // 20, (start, stop, expected - ticks)
     assert "spool" in k.log().lower()
     assert os.path.isdir(k.base / "spool")
