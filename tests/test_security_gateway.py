@@ -227,7 +227,18 @@ async def test_deep_json_is_400_with_the_limit(gateway, http, how):
                                        + deep + "}}]",
                                   headers={**headers, "Content-Type": "application/json"})
     assert status == 400, body
-    assert b"64 levels" in body
+    assert b"64 levels" in body or b"too deeply nested" in body
+
+
+async def test_deep_json_in_a_large_writer_body_is_400(gateway, http):
+    """Over 1 MiB the gateway leaves the depth to PostgreSQL: still a 400, not a 500."""
+    body = '[{"device_id": "d", "metric_id": "m", "labels": {"a": "' + "x" * 1_100_000 + \
+        '"}}, ' + nested(20000) + "]"
+    status, text = await call(http, gateway, "/rpc/insert_metrics", method="POST", data=body,
+                              headers={"Authorization": f"Bearer {writer_token(gateway)}",
+                                       "Content-Type": "application/json"})
+    assert status == 400, text
+    assert not INTERNAL.search(text.decode())
 
 
 def test_depth_check_counts_levels_and_ignores_strings():
