@@ -4,7 +4,9 @@ database is away."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from kwollect.collect.promotion import PromotionReader, Promotions
 from kwollect.dev.simulators import free_port
@@ -65,3 +67,24 @@ async def test_a_wrong_password_is_an_outage_too_not_the_end_of_the_reader(kwdb,
     with caplog.at_level(logging.WARNING, logger="kwollect.collect.promotion"):
         await reader.refresh()
     assert "password authentication failed" in caplog.text
+
+
+async def test_a_change_reaches_the_reader_at_once_by_notification(kwdb, writer):
+    """With a 60 s polling period, only the table's NOTIFY can bring the change in time."""
+    promotions = Promotions()
+    seen = asyncio.Event()
+    reader = PromotionReader(kwdb.connect_kwargs("kwuser"), promotions, seen.set,
+                             name="test", refresh_s=60)
+    task = asyncio.create_task(reader.run())
+    try:
+        await asyncio.sleep(0.5)  # the first read (nothing promoted) and LISTEN are done
+        seen.clear()
+        started = time.monotonic()
+        await writer.execute("INSERT INTO promoted_metrics (device_id, metric_id) "
+                             "VALUES ('promo-n', 'm_.*')")
+        await asyncio.wait_for(seen.wait(), 5)
+        assert promotions.devices_promoting("m_x") >= {"promo-n"}
+        assert time.monotonic() - started < 2
+    finally:
+        task.cancel()
+        await writer.execute("DELETE FROM promoted_metrics WHERE device_id = 'promo-n'")

@@ -4,14 +4,17 @@ the kwollector and the wattmetre reader.
 A metric is promoted for a device when a row names the device (or the metric's
 `_device_alias`) and its regular expression fully matches the metric name (NULL matches
 every name); every row of a device counts.  `PromotionReader` re-reads the table about
-every second on a connection of its own; when a read fails (database down, slow, refusing)
-the last known set is kept, so a database outage never stops or starts the collection of
-optional metrics.
+every second on a connection of its own, and at once when the database says it changed
+(NOTIFY kwollect_promotions, sent by a trigger on the table: a job's promotion reaches the
+collectors within milliseconds, polling being the fallback); when a read fails (database
+down, slow, refusing) the last known set is kept, so a database outage never stops or
+starts the collection of optional metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +26,7 @@ from kwollect.logutil import RateLimitedLog
 
 log = logging.getLogger("kwollect.collect.promotion")
 PROMOTED_QUERY = "SELECT device_id, metric_id FROM promoted_metrics"
+CHANNEL = "kwollect_promotions"
 REFRESH_S = 1.0
 TIMEOUT_S = 5.0
 READ_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -90,6 +94,7 @@ class PromotionReader:
         self._timeout_s = timeout_s
         self._rate_log = RateLimitedLog(logger)
         self._conn: asyncpg.Connection | None = None
+        self._changed = asyncio.Event()
 
     async def refresh(self) -> None:
         """Read the table once."""
@@ -98,6 +103,8 @@ class PromotionReader:
                 self._conn = await asyncpg.connect(
                     **self._connect_kwargs, timeout=self._timeout_s,
                     server_settings={"application_name": f"{self._name} promotions"})
+                await self._conn.add_listener(CHANNEL, self._notified)
+            self._changed.clear()
             rows = await self._conn.fetch(PROMOTED_QUERY, timeout=self._timeout_s)
         except READ_ERRORS as exc:
             self._rate_log.warning("read", "%s: cannot read promoted_metrics (%s); keeping "
@@ -108,13 +115,17 @@ class PromotionReader:
         if self.promotions.update((r["device_id"], r["metric_id"]) for r in rows):
             self._on_change()
 
+    def _notified(self, *_args: object) -> None:
+        self._changed.set()
+
     async def run(self) -> None:
-        """Refresh now (when wanted), then every `refresh_s`; cancel to stop."""
+        """Refresh now (when wanted), then every `refresh_s` or on notice; cancel to stop."""
         try:
             while True:
                 if self._wanted():
                     await self.refresh()
-                await asyncio.sleep(self._refresh_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self._refresh_s)
         finally:
             await self.close()
 
