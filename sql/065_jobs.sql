@@ -390,9 +390,25 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         'start_time', win.t0,
         'end_time', win.t1,
         'energy_metric', p_metric,
-        'job_energy_watthour', coalesce((SELECT sum(energy_wh) FROM power), 0),
-        'node_energy_watthour', coalesce((SELECT jsonb_object_agg(device_id, energy_wh)
-                                          FROM power WHERE energy_wh IS NOT NULL), '{}'),
+        -- NULL (not 0 Wh) where no power was stored: a missing figure, with a hint
+        'job_energy_watthour', (SELECT sum(energy_wh) FROM power),
+        'node_energy_watthour', coalesce((
+            SELECT jsonb_object_agg(n.node, p.energy_wh ORDER BY n.node)
+            FROM (SELECT DISTINCT j.node FROM public.nodetime_by_job j
+                  WHERE j.job_id = p_job_id) n
+            LEFT JOIN power p ON p.device_id = n.node), '{}'),
+        'energy_hint', CASE
+            WHEN NOT EXISTS (SELECT 1 FROM power WHERE energy_wh IS NOT NULL) THEN
+                format('no %s samples for this job''s nodes in its window: the energy is '
+                       'unknown. Check the nodes'' power collection, or set job_energy_metric '
+                       '(kwollect.settings) to the power metric this site collects', p_metric)
+            WHEN EXISTS (SELECT 1 FROM public.nodetime_by_job j
+                         WHERE j.job_id = p_job_id AND NOT EXISTS (
+                             SELECT 1 FROM power p WHERE p.device_id = j.node
+                             AND p.energy_wh IS NOT NULL)) THEN
+                format('some nodes have no %s samples: their energy is null and the job''s '
+                       'total covers the others only', p_metric)
+        END,
         'job_mean_power_watt', (SELECT sum(energy_wh * 3600 / covered_s) FROM power
                                 WHERE covered_s > 0),
         'node_mean_power_watt', coalesce((SELECT jsonb_object_agg(device_id,

@@ -183,3 +183,25 @@ async def test_available_metrics_takes_plain_parameters(reader, recent):
     rows = await reader.fetch("SELECT * FROM api.available_metrics(job_id => 8001)")
     assert [(r["device_id"], r["metric_id"]) for r in rows] == [
         ("av-2", "a_metric"), ("av-2", "b_metric")]
+
+
+async def test_job_energy_is_null_with_a_hint_without_power_data(writer, reader):
+    """A job whose nodes stored no power: unknown energy, not 0 Wh, and why."""
+    start = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
+    await load(writer, [(start + timedelta(seconds=10 * i), "nopow-1", "temp_celsius", 40.0, None)
+                        for i in range(30)]
+               + [(start + timedelta(seconds=10 * i), "nopow-2", "bmc_node_power_watt", 100.0,
+                   None) for i in range(30)])
+    await writer.execute("INSERT INTO nodetime_per_job VALUES (8101, $1, $2, 'nopow-1')",
+                         start, start + timedelta(minutes=5))
+    result = json.loads(await reader.fetchval("SELECT api.get_job_metrics(8101)"))
+    assert result["job_energy_watthour"] is None
+    assert result["node_energy_watthour"] == {"nopow-1": None}
+    assert "bmc_node_power_watt" in result["energy_hint"]
+    await writer.execute("INSERT INTO nodetime_per_job VALUES (8101, $1, $2, 'nopow-2')",
+                         start, start + timedelta(minutes=5))
+    result = json.loads(await reader.fetchval("SELECT api.get_job_metrics(8101)"))
+    assert result["node_energy_watthour"]["nopow-1"] is None
+    assert result["node_energy_watthour"]["nopow-2"] == pytest.approx(100.0 * 290 / 3600)
+    assert result["job_energy_watthour"] == pytest.approx(100.0 * 290 / 3600)
+    assert "some nodes" in result["energy_hint"]
