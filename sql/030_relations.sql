@@ -1,11 +1,11 @@
 -- kwollect schema, part 3: the relations users know from the reference README, in public.
 
--- metrics: the reference table, now a view over series + samples.  INSERT and COPY into
+-- metrics: the reference table, now a view over series + samples (raw or compacted).  INSERT and COPY into
 -- it keep working (collectors use the faster path of kwollect/store/writer.py: binary COPY
 -- straight into kwollect.samples).
 CREATE OR REPLACE VIEW public.metrics AS
 SELECT s.ts AS "timestamp", se.device_id, se.metric_id, s.value, se.labels
-FROM kwollect.samples s
+FROM kwollect.samples_all s
 JOIN kwollect.series se ON se.series_id = s.series_id;
 
 ALTER VIEW public.metrics ALTER COLUMN "timestamp" SET DEFAULT now();
@@ -177,13 +177,13 @@ END $$;
 CREATE OR REPLACE VIEW public.metrics_by_device AS
 SELECT s.ts AS "timestamp", se.device_id, se.metric_id, s.value,
        se.labels - '_device_alias' AS labels
-FROM kwollect.samples s
+FROM kwollect.samples_all s
 JOIN kwollect.series se ON se.series_id = s.series_id
 UNION ALL
 SELECT s.ts, se.device_alias, se.metric_id, sum(s.value),
        (se.labels - '_device_alias')
            || jsonb_build_object('_device_orig', jsonb_agg(DISTINCT se.device_id))
-FROM kwollect.samples s
+FROM kwollect.samples_all s
 JOIN kwollect.series se ON se.series_id = s.series_id
 WHERE se.device_alias IS NOT NULL
 GROUP BY s.ts, se.device_alias, se.metric_id, se.labels - '_device_alias';

@@ -52,8 +52,7 @@ BEGIN
            min(value) FILTER (WHERE value <> 'NaN'),
            max(value) FILTER (WHERE value <> 'NaN'),
            (max(ARRAY[date_part('epoch', ts), value]) FILTER (WHERE value <> 'NaN'))[2]
-    FROM kwollect.samples
-    WHERE ts >= p_lo AND ts < p_hi
+    FROM kwollect.samples_between(p_lo, p_hi)
     GROUP BY 1, 2;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
@@ -189,6 +188,7 @@ DECLARE
     moved    integer;
     written  bigint;
     archived text;
+    compacted bigint;
 BEGIN
     SELECT kwollect.ensure_partitions(array_agg(now() + step * i))
       INTO created FROM generate_series(-1, ahead) AS i;
@@ -196,6 +196,9 @@ BEGIN
     archived := kwollect.archive_partitions();
     DELETE FROM kwollect.written_batches WHERE written_at < now() - interval '7 days';
     written := kwollect.refresh_summary();
+    -- After the summaries: a late row is summarized before it is compacted.
+    compacted := kwollect.compact_partitions();
     RETURN jsonb_build_object('partitions_created', created + coalesce(moved, 0),
-                              'summary_rows', written, 'archived', archived);
+                              'summary_rows', written, 'archived', archived,
+                              'compacted_rows', compacted);
 END $$;

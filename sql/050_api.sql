@@ -158,6 +158,11 @@ BEGIN
               AND s.ts >= split AND s.ts <= p_end
             LIMIT bound + 1 - n) x;
     END IF;
+    IF n <= bound THEN  -- compacted blocks: their sample counts (a block at a bound counts whole)
+        SELECT n + coalesce(sum(c.block_n), 0) INTO n FROM kwollect.samples_compact AS c(series_id, block_start, block_n)
+        WHERE c.series_id = ANY (p_series)
+          AND c.block_start > split - interval '1 hour' AND c.block_start <= p_end;
+    END IF;
     IF n > bound THEN
         RAISE EXCEPTION 'request too large: about % rows, over the limit of % rows', n, bound
             USING ERRCODE = 'PT413',  -- PostgREST and kwollect-api: HTTP 413
@@ -205,8 +210,15 @@ LANGUAGE sql STABLE AS $$
     )
     SELECT req.start_time, req.end_time,
            kwollect.minute_key(req.start_time), kwollect.minute_key(req.end_time),
+           -- Chunks of at least an hour where blocks are compacted: a block is decoded
+           -- once per chunk it overlaps.
            greatest(1, ceil((kwollect.minute_key(req.end_time)
-                             - kwollect.minute_key(req.start_time) + 1) / 256.0))::integer,
+                             - kwollect.minute_key(req.start_time) + 1) / 256.0),
+                    CASE WHEN EXISTS (SELECT 1 FROM kwollect.partitions pa
+                                      WHERE pa.compacted_at IS NOT NULL
+                                        AND pa.range_start <= req.end_time
+                                        AND pa.range_end > req.start_time)
+                         THEN 60 ELSE 1 END)::integer,
            own.ids, (own.map).base, (own.map).ranks,
            alias.ids, (alias.map).base, (alias.map).ranks
     FROM req, own, alias
@@ -239,12 +251,24 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
            OR (x.series_id = ANY ('{}'::integer[]) AND kwollect.minute_key(x.ts) = 0))
       AND x.ts >= p_lo AND x.ts < p_hi AND x.ts <= p_t1
     UNION ALL
+    SELECT d.ts, p_own_ranks[c.series_id - p_own_base + 1], d.value, c.series_id, false, NULL
+    FROM kwollect.samples_compact c CROSS JOIN LATERAL kwollect.block_samples(c) d
+    WHERE NOT p_summary AND c.series_id = ANY (p_own_ids)
+      AND c.block_start > p_lo - interval '1 hour' AND c.block_start < p_hi
+      AND d.ts >= p_lo AND d.ts < p_hi AND d.ts <= p_t1
+    UNION ALL
     SELECT s.ts, p_alias_ranks[s.series_id - p_alias_base + 1], sum(s.value),
            min(s.series_id), true, jsonb_agg(DISTINCT se.device_id)
-    FROM kwollect.samples s
+    FROM (SELECT a.ts, a.value, a.series_id FROM kwollect.samples a
+          WHERE a.series_id = ANY (p_alias_ids)
+            AND kwollect.minute_key(a.ts) BETWEEN p_k_lo AND p_k_hi
+          UNION ALL
+          SELECT d.ts, d.value, c.series_id
+          FROM kwollect.samples_compact c CROSS JOIN LATERAL kwollect.block_samples(c) d
+          WHERE c.series_id = ANY (p_alias_ids)
+            AND c.block_start > p_lo - interval '1 hour' AND c.block_start < p_hi) s
     JOIN kwollect.series se ON se.series_id = s.series_id
     WHERE NOT p_summary
-      AND s.series_id = ANY (p_alias_ids) AND kwollect.minute_key(s.ts) BETWEEN p_k_lo AND p_k_hi
       AND s.ts >= p_lo AND s.ts < p_hi AND s.ts <= p_t1
     GROUP BY 1, 2
     UNION ALL
@@ -408,12 +432,18 @@ BEGIN
         WHERE (NOT v.via_alias OR se.device_alias IS NOT NULL)
           AND (wanted IS NULL
                OR CASE WHEN v.via_alias THEN se.device_alias ELSE se.device_id END = ANY (wanted))
-          AND EXISTS (
+          AND (EXISTS (
               SELECT 1 FROM kwollect.samples s
               WHERE s.series_id = se.series_id
                 AND kwollect.minute_key(s.ts) BETWEEN kwollect.minute_key(at - interval '1 minute')
                                                   AND kwollect.minute_key(at)
                 AND s.ts > at - interval '1 minute' AND s.ts < at)
+            OR EXISTS (
+              SELECT 1 FROM kwollect.samples_compact c
+              CROSS JOIN LATERAL kwollect.block_samples(c) d
+              WHERE c.series_id = se.series_id
+                AND c.block_start > at - interval '61 minutes' AND c.block_start < at
+                AND d.ts > at - interval '1 minute' AND d.ts < at))
     ) a
     ORDER BY CASE WHEN a.device_id ~ '^[a-z]+-\d+$' THEN 1 ELSE 2 END,
              split_part(a.device_id, '-', 1) COLLATE "C",

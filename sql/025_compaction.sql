@@ -1,0 +1,240 @@
+-- kwollect schema, part 2b: compaction of old partitions on stock PostgreSQL (SQL only).
+--
+-- Once a partition's range ended chunk_compress_hour ago, kwollect.maintain() moves its rows
+-- into kwollect.samples_compact: one row per series and hour ("block"), the samples encoded
+-- as small integers in arrays that TOAST compresses with lz4.  Design, measured on the
+-- issue's data set (docs/storage.md): 2.96 bytes per sample against 64 raw and 9.4 for
+-- bigint[]/float8[] arrays under lz4.
+--
+-- Timestamps: with u the largest of 1 s, 1 ms, 1 us dividing every offset from the block's
+-- first timestamp t0, and p the median step (in u), sample i (from 1) is at
+--     t0 + ((i - 1 + gap_i) * p + jit_i) * u
+-- gap_i counts the missing (or extra) grid steps before sample i: constant for a regular
+-- series, so lz4 reduces it to nothing; jit_i is the jitter around the grid (0-19 ms fits a
+-- byte).  Values: when every value v of the block is finite and v * div (div = 1, 10, 100
+-- or 1000) is an integer x that gives v back bit for bit (so -0.0 is excluded), x is stored
+-- as its residual from the straight line between the first and the last x; otherwise the
+-- block keeps its float8 values as they are (NaN, infinities, -0.0, NULL).  Each integer
+-- stream is stored in the narrowest of "char", int2, int4, int8 that holds it.
+--
+-- Compaction of a partition is one transaction (atomic: a crash leaves either the raw rows
+-- or the blocks), locks out writers of that partition only, and readers see the raw rows or
+-- the blocks, never both.  Late rows written into a compacted range land in the (emptied)
+-- raw partition, are read from there, and the next maintenance merges them into the blocks.
+
+-- An integer sequence in the narrowest array type that holds it (exactly one field is set).
+DO $$
+BEGIN
+    IF to_regtype('kwollect.int_stream') IS NULL THEN
+        CREATE TYPE kwollect.int_stream AS (c "char"[], s smallint[], i integer[], l bigint[]);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION kwollect.pack_ints(p bigint[], lo bigint, hi bigint)
+RETURNS kwollect.int_stream LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN lo >= -128 AND hi <= 127
+                THEN ROW(p::integer[]::"char"[], NULL, NULL, NULL)::kwollect.int_stream
+                WHEN lo >= -32768 AND hi <= 32767
+                THEN ROW(NULL, p::smallint[], NULL, NULL)::kwollect.int_stream
+                WHEN lo >= -2147483648 AND hi <= 2147483647
+                THEN ROW(NULL, NULL, p::integer[], NULL)::kwollect.int_stream
+                ELSE ROW(NULL, NULL, NULL, p)::kwollect.int_stream END
+$$;
+
+CREATE OR REPLACE FUNCTION kwollect.unpack_ints(p kwollect.int_stream)
+RETURNS bigint[] LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce((p).c::integer[]::bigint[], (p).s::bigint[], (p).i::bigint[], (p).l)
+$$;
+
+CREATE TABLE IF NOT EXISTS kwollect.samples_compact (
+    series_id   integer NOT NULL,
+    block_start timestamptz NOT NULL,   -- the hour the block covers
+    n           integer NOT NULL,
+    t0          timestamptz NOT NULL,
+    t_unit      bigint NOT NULL,
+    t_period    bigint NOT NULL,
+    t_gap       kwollect.int_stream NOT NULL,
+    t_jit       kwollect.int_stream NOT NULL,
+    v_div       double precision,
+    v_first     bigint,
+    v_last      bigint,
+    v_off       kwollect.int_stream,
+    v_raw       double precision[]
+);
+CREATE INDEX IF NOT EXISTS samples_compact_series_block_idx
+    ON kwollect.samples_compact (series_id, block_start);
+CREATE INDEX IF NOT EXISTS samples_compact_block_idx ON kwollect.samples_compact (block_start);
+ALTER TABLE kwollect.samples_compact
+    ALTER COLUMN t_gap SET COMPRESSION lz4, ALTER COLUMN t_jit SET COMPRESSION lz4,
+    ALTER COLUMN v_off SET COMPRESSION lz4, ALTER COLUMN v_raw SET COMPRESSION lz4;
+
+ALTER TABLE kwollect.partitions ADD COLUMN IF NOT EXISTS compacted_at timestamptz;
+
+-- The samples of one block, in time order (ties in their stored order).
+CREATE OR REPLACE FUNCTION kwollect.block_samples(c kwollect.samples_compact)
+RETURNS TABLE (ts timestamptz, value double precision)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT c.t0 + ((u.i - 1 + u.g) * c.t_period + u.r) * c.t_unit * interval '1 microsecond',
+           coalesce(u.raw, (c.v_first + u.o + round((u.i - 1)::double precision
+                                                   * (c.v_last - c.v_first)
+                                                   / greatest(c.n - 1, 1))::bigint)::double precision
+                           / c.v_div)
+    FROM unnest(kwollect.unpack_ints(c.t_gap), kwollect.unpack_ints(c.t_jit),
+                kwollect.unpack_ints(c.v_off), c.v_raw) WITH ORDINALITY AS u(g, r, o, raw, i)
+$$;
+
+-- Every sample, raw or compacted (no time bound reaches the blocks: readers with a time
+-- window use kwollect.samples_between).
+CREATE OR REPLACE VIEW kwollect.samples_all AS
+SELECT s.ts, s.value, s.series_id FROM kwollect.samples s
+UNION ALL
+SELECT d.ts, d.value, c.series_id
+FROM kwollect.samples_compact c CROSS JOIN LATERAL kwollect.block_samples(c) d;
+
+-- Every sample in [p_lo, p_hi), raw or compacted, of the series p_series (all when NULL).
+CREATE OR REPLACE FUNCTION kwollect.samples_between(p_lo timestamptz, p_hi timestamptz,
+                                                    p_series integer[] DEFAULT NULL)
+RETURNS TABLE (ts timestamptz, value double precision, series_id integer)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT s.ts, s.value, s.series_id FROM kwollect.samples s
+    WHERE s.ts >= p_lo AND s.ts < p_hi
+      AND (p_series IS NULL OR s.series_id = ANY (p_series))
+    UNION ALL
+    SELECT d.ts, d.value, c.series_id
+    FROM kwollect.samples_compact c CROSS JOIN LATERAL kwollect.block_samples(c) d
+    WHERE c.block_start > p_lo - interval '1 hour' AND c.block_start < p_hi
+      AND (p_series IS NULL OR c.series_id = ANY (p_series))
+      AND d.ts >= p_lo AND d.ts < p_hi
+$$;
+
+-- Encode rows (ts, value, series_id) into blocks: one row of samples_compact per series
+-- and hour.  Set-wise: one window pass numbers the samples of each block, one aggregate
+-- gathers them, and each block's streams are packed from its arrays.
+CREATE OR REPLACE FUNCTION kwollect.encode_blocks(p_rows regclass) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format($q$
+    INSERT INTO kwollect.samples_compact
+    WITH r AS (
+        SELECT series_id, block, ts, value, row_number() OVER w AS i,
+               round(date_part('epoch', ts - first_value(ts) OVER w) * 1000000)::bigint AS us
+        FROM (SELECT series_id, date_bin('1 hour', ts, timestamptz '1970-01-01 00:00:00+00') AS block,
+                     ts, value FROM %s) x
+        WINDOW w AS (PARTITION BY series_id, block ORDER BY ts)
+    ), d AS (
+        SELECT r.*, us - lag(us) OVER (PARTITION BY series_id, block ORDER BY i) AS step FROM r
+    ), g AS (
+        SELECT series_id, block, count(*)::integer AS n, min(ts) AS t0,
+               CASE WHEN bool_and(us %% 1000000 = 0) THEN 1000000
+                    WHEN bool_and(us %% 1000 = 0) THEN 1000 ELSE 1 END AS unit,
+               percentile_disc(0.5) WITHIN GROUP (ORDER BY step) AS median_step,
+               array_agg(us ORDER BY i) AS us, array_agg(value ORDER BY i) AS vals,
+               CASE WHEN bool_and(value IS NOT NULL AND value <> 'NaN' AND abs(value) < 4.5e15
+                                  AND (value <> 0 OR float8send(value) = '\x0000000000000000'))
+               THEN CASE WHEN bool_and(round(value) = value) THEN 1::double precision
+                         WHEN bool_and(abs(value) < 4.5e14 AND round(value * 10) / 10 = value) THEN 10
+                         WHEN bool_and(abs(value) < 4.5e13 AND round(value * 100) / 100 = value) THEN 100
+                         WHEN bool_and(abs(value) < 4.5e12 AND round(value * 1000) / 1000 = value) THEN 1000
+                    END
+               END AS div
+        FROM d GROUP BY series_id, block
+    ), t AS (
+        SELECT g.*, greatest(coalesce(g.median_step / g.unit, 1), 1) AS p,
+               round(g.vals[1] * g.div)::bigint AS x1, round(g.vals[g.n] * g.div)::bigint AS xn
+        FROM g
+    )
+    SELECT t.series_id, t.block, t.n, t.t0, t.unit, t.p,
+           (SELECT kwollect.pack_ints(array_agg(q.gap ORDER BY q.i), min(q.gap), max(q.gap))
+            FROM (SELECT u.i, (u.k / t.unit + t.p / 2) / t.p - (u.i - 1) AS gap
+                  FROM unnest(t.us) WITH ORDINALITY AS u(k, i)) q),
+           (SELECT kwollect.pack_ints(array_agg(q.jit ORDER BY q.i), min(q.jit), max(q.jit))
+            FROM (SELECT u.i, u.k / t.unit - ((u.k / t.unit + t.p / 2) / t.p) * t.p AS jit
+                  FROM unnest(t.us) WITH ORDINALITY AS u(k, i)) q),
+           t.div, t.x1, t.xn,
+           CASE WHEN t.div IS NOT NULL THEN
+               (SELECT kwollect.pack_ints(array_agg(q.o ORDER BY q.i), min(q.o), max(q.o))
+                FROM (SELECT u.i, round(u.v * t.div)::bigint
+                                  - (t.x1 + round((u.i - 1)::double precision * (t.xn - t.x1)
+                                                  / greatest(t.n - 1, 1))::bigint) AS o
+                      FROM unnest(t.vals) WITH ORDINALITY AS u(v, i)) q)
+           END,
+           CASE WHEN t.div IS NULL THEN t.vals END
+    FROM t
+    $q$, p_rows);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- Compact one partition: its raw rows, merged with the blocks they fall into (late rows
+-- after an earlier compaction), become blocks.  One transaction; returns the rows encoded.
+CREATE OR REPLACE FUNCTION kwollect.compact_partition(p_name text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lo timestamptz;
+    hi timestamptz;
+    n  bigint;
+BEGIN
+    SELECT range_start, range_end INTO lo, hi FROM kwollect.partitions WHERE name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'compact_partition: no partition named %', p_name;
+    END IF;
+    -- Writers of this partition wait until the end; readers go on (they see the raw rows
+    -- until this transaction commits, then the blocks).
+    EXECUTE format('LOCK TABLE kwollect_partitions.%I IN SHARE ROW EXCLUSIVE MODE', p_name);
+    DROP TABLE IF EXISTS pg_temp.kwollect_compacting;
+    CREATE TEMPORARY TABLE kwollect_compacting (
+        ts timestamptz, value double precision, series_id integer) ON COMMIT DROP;
+    EXECUTE format('WITH moved AS (DELETE FROM kwollect_partitions.%I
+                                   RETURNING ts, value, series_id)
+                    INSERT INTO pg_temp.kwollect_compacting SELECT * FROM moved', p_name);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        WITH touched AS (
+            SELECT DISTINCT series_id,
+                   date_bin('1 hour', ts, timestamptz '1970-01-01 00:00:00+00') AS block
+            FROM pg_temp.kwollect_compacting
+        ), old AS (
+            DELETE FROM kwollect.samples_compact c USING touched t
+            WHERE c.series_id = t.series_id AND c.block_start = t.block
+              AND c.block_start >= lo AND c.block_start < hi
+            RETURNING c.*
+        )
+        INSERT INTO pg_temp.kwollect_compacting (ts, value, series_id)
+        SELECT d.ts, d.value, old.series_id
+        FROM old CROSS JOIN LATERAL kwollect.block_samples(ROW(old.*)::kwollect.samples_compact) d;
+        PERFORM kwollect.encode_blocks('pg_temp.kwollect_compacting');
+    END IF;
+    UPDATE kwollect.partitions SET compacted_at = now() WHERE name = p_name;
+    DROP TABLE pg_temp.kwollect_compacting;
+    RETURN n;
+END $$;
+
+-- Partitions due: their range ended chunk_compress_hour ago, and they were never
+-- compacted or received rows since.  Compacts them oldest first for at most p_budget.
+CREATE OR REPLACE FUNCTION kwollect.compact_partitions(p_budget interval DEFAULT '30 seconds')
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    after   interval := make_interval(hours => coalesce(kwollect.setting('chunk_compress_hour'), '24')::int);
+    started timestamptz := clock_timestamp();
+    part    record;
+    has_raw boolean;
+    total   bigint := 0;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('kwollect.compact_partitions')) THEN
+        RETURN 0;
+    END IF;
+    FOR part IN SELECT name, compacted_at FROM kwollect.partitions
+                WHERE range_end <= now() - after ORDER BY range_start
+    LOOP
+        EXIT WHEN clock_timestamp() - started > p_budget;
+        IF part.compacted_at IS NOT NULL THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM kwollect_partitions.%I)', part.name)
+               INTO has_raw;
+            CONTINUE WHEN NOT has_raw;
+        END IF;
+        total := total + kwollect.compact_partition(part.name);
+    END LOOP;
+    RETURN total;
+END $$;
