@@ -238,3 +238,37 @@ BEGIN
     END LOOP;
     RETURN total;
 END $$;
+
+-- Give the space of compacted partitions back: their raw rows were deleted (readers went on
+-- meanwhile), but the heap and the index keep their size until VACUUM, and the index keeps
+-- it for good.  An empty compacted partition is truncated, when its lock is free at once
+-- (NOWAIT: a reader in the way only postpones it to the next maintenance).  Called last by
+-- kwollect.maintain(), so the exclusive lock lasts only until that commits.
+CREATE OR REPLACE FUNCTION kwollect.release_compacted() RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    part    text;
+    has_raw boolean;
+    n       integer := 0;
+BEGIN
+    FOR part IN SELECT p.name FROM kwollect.partitions p
+                WHERE p.compacted_at IS NOT NULL
+                  AND pg_total_relation_size(
+                          to_regclass(format('kwollect_partitions.%I', p.name))) > 16384
+                ORDER BY p.range_start
+    LOOP
+        BEGIN
+            EXECUTE format('LOCK TABLE kwollect_partitions.%I IN ACCESS EXCLUSIVE MODE NOWAIT',
+                           part);
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM kwollect_partitions.%I)', part)
+               INTO has_raw;
+            IF NOT has_raw THEN
+                EXECUTE format('TRUNCATE kwollect_partitions.%I', part);
+                n := n + 1;
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+    END LOOP;
+    RETURN n;
+END $$;

@@ -200,5 +200,6 @@ BEGIN
     compacted := kwollect.compact_partitions();
     RETURN jsonb_build_object('partitions_created', created + coalesce(moved, 0),
                               'summary_rows', written, 'archived', archived,
-                              'compacted_rows', compacted);
+                              'compacted_rows', compacted,
+                              'partitions_released', kwollect.release_compacted());
 END $$;

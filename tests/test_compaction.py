@@ -160,6 +160,10 @@ async def test_late_rows_are_merged_by_the_next_maintenance(admin, writer, reade
     await admin.execute("SELECT kwollect.maintain()")
 
     assert await compacted_rows(admin, "cpl") == (len(dataset("cpl", 2)) + 2, 0)
+    for name in parts:  # the emptied partitions gave their space back
+        assert await admin.fetchval(
+            "SELECT pg_total_relation_size(format('kwollect_partitions.%I', $1::text))",
+            name) <= 16384
     assert await snapshot(reader, "cpl") == with_late
     assert await admin.fetchval(
         "SELECT count(*) FROM kwollect.samples_compact c JOIN kwollect.series s "
