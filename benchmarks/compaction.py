@@ -53,31 +53,31 @@ async def client_time(conn: asyncpg.Connection, query: str, repeat: int) -> floa
 
 
 def queries(devices: int, hours: int) -> dict[str, tuple[str, str]]:
-    """(kwollect, reference) SQL of the three reads."""
+    """(kwollect, reference) SQL of the three reads (built from integers only)."""
     twenty = ",".join(f"node-{d}" for d in range(1, min(20, devices) + 1))
     alldev = ",".join(f"node-{d}" for d in range(1, devices + 1))
     q2_hours = min(2, hours)
     end = f"(timestamptz '{START}' + interval '{hours} hours')"
     return {
         "(1) 1 device, 1 metric, 1 h": (
-            "SELECT * FROM api.get_metrics(devices => 'node-1', metrics => "
+            "SELECT * FROM api.get_metrics(devices => 'node-1', metrics => "  # noqa: S608
             "'bmc_node_power_watt', start_time => '2025-01-06T00:00:00', "
             "end_time => '2025-01-06T00:59:59.999999')",
-            "SELECT * FROM ref_metrics WHERE device_id = 'node-1' AND metric_id = "
+            "SELECT * FROM ref_metrics WHERE device_id = 'node-1' AND metric_id = "  # noqa: S608
             f"'bmc_node_power_watt' AND timestamp >= '{START}' AND timestamp < "
             f"timestamptz '{START}' + interval '1 hour' ORDER BY timestamp"),
         f"(2) 20 devices, all metrics, {q2_hours} h": (
-            f"SELECT * FROM api.get_metrics(devices => '{twenty}', "
+            f"SELECT * FROM api.get_metrics(devices => '{twenty}', "  # noqa: S608
             "start_time => '2025-01-06T00:00:00', "
             f"end_time => '2025-01-06T0{q2_hours - 1}:59:59.999999')",
-            f"SELECT * FROM ref_metrics WHERE device_id = ANY ('{{{twenty}}}'::text[]) "
+            f"SELECT * FROM ref_metrics WHERE device_id = ANY ('{{{twenty}}}'::text[]) "  # noqa: S608
             f"AND timestamp >= '{START}' AND timestamp < timestamptz '{START}' + "
             f"interval '{q2_hours} hours' ORDER BY timestamp"),
         f"(3) 5-min averages, 1 metric, {devices} devices, {hours} h": (
-            f"SELECT * FROM api.get_metrics(devices => '{alldev}', "
+            f"SELECT * FROM api.get_metrics(devices => '{alldev}', "  # noqa: S608
             "metrics => 'bmc_node_power_watt', summary => true, "
             f"start_time => '2025-01-06T00:00:00', end_time => '2025-01-06T0{hours - 1}:59:59')",
-            "SELECT date_bin('5 minutes', timestamp, timestamptz 'epoch') AS b, device_id, "
+            "SELECT date_bin('5 minutes', timestamp, timestamptz 'epoch') AS b, device_id, "  # noqa: S608
             "avg(value) FROM ref_metrics WHERE metric_id = 'bmc_node_power_watt' "
             f"AND timestamp >= '{START}' AND timestamp < {end} GROUP BY 1, 2 ORDER BY 1, 2"),
     }

@@ -77,13 +77,15 @@ async def snapshot(conn: asyncpg.Connection, prefix: str) -> dict[str, list]:
                         ("rate", ", as_rate => 'true', metrics => 'net_bytes_total,"
                                  "temp_celsius,odd_values,wattmetre_power_watt,sparse'")]:
         rows = await conn.fetch(
-            "SELECT \"timestamp\", device_id, metric_id, value, labels FROM api.get_metrics("
-            f"devices => $1, start_time => $2, end_time => $3{extra})", devices, *window)
+            "SELECT \"timestamp\", device_id, metric_id, value, labels FROM api.get_metrics("  # noqa: S608
+            f"devices => $1, start_time => $2, end_time => $3{extra})",
+            devices, *window)
         out[name] = ties_sorted([(r[0], r[1], r[2], bits(r[3]), r[4]) for r in rows])
     for view in ("metrics", "metrics_by_device", "metrics_by_device_summary"):
         rows = await conn.fetch(
             f"SELECT \"timestamp\", device_id, metric_id, value, labels FROM {view} "  # noqa: S608
-            "WHERE device_id LIKE $1 ORDER BY 1, 2, 3, labels::text, float8send(value)", prefix + "-%")
+            "WHERE device_id LIKE $1 ORDER BY 1, 2, 3, labels::text, float8send(value)",
+            prefix + "-%")
         out[view] = [(r[0], r[1], r[2], bits(r[3]), r[4]) for r in rows]
     rows = await conn.fetch(
         "SELECT \"timestamp\", device_id, metric_id, value, labels FROM metrics_by_job "
