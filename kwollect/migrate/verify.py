@@ -25,8 +25,8 @@ SELECT se.device_id, se.metric_id, se.labels::text AS labels, count(*) AS n,
        sum(s.value) FILTER (WHERE s.value NOT IN ('NaN', 'Infinity', '-Infinity')) AS total,
        count(*) FILTER (WHERE s.value = 'NaN') AS nan,
        count(*) FILTER (WHERE s.value IN ('Infinity', '-Infinity')) AS inf
-FROM kwollect.samples s JOIN kwollect.series se ON se.series_id = s.series_id
-WHERE s.ts >= $1 AND s.ts < $2
+FROM kwollect.samples_between($1, $2) s  -- raw and compacted samples of [$1, $2)
+JOIN kwollect.series se ON se.series_id = s.series_id
 GROUP BY se.series_id
 """
 
