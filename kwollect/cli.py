@@ -1,48 +1,47 @@
-"""`kwollect`: the umbrella command (demo, maintain, migrate, get, plot)."""
+"""`kwollect <command> [options]`: the umbrella command.
+
+Each command is a module with a `main(argv)`; `kwollect <command> --help` is that
+command's own help (its options, with `kwollect <command>` as the program name).
+"""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
+import importlib
 import sys
 from collections.abc import Sequence
 
-import asyncpg
+COMMANDS: dict[str, tuple[str, str]] = {
+    "maintain": ("kwollect.store.maintain",
+                 "database maintenance: partitions ahead, late rows, 5-minute summaries"),
+    "get": ("kwollect.client.get", "a job's (or devices') metrics from the API to a file"),
+    "plot": ("kwollect.client.plot", "plot a job's (or devices') metrics from the API"),
+    "migrate": ("kwollect.migrate.command",
+                "copy a reference Kwollect database's metrics into this one"),
+    "demo": ("kwollect.dev.demo",
+             "the whole chain on loopback with simulated devices, then working curl commands"),
+}
+"""command -> (module with main(argv), one-line summary)."""
 
-from kwollect.options import tool_options
-from kwollect.store.maintain import MAINTAIN_DEFAULTS, maintain
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: kwollect <command> [options]   (kwollect <command> --help)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="kwollect", description=__doc__)
-    parser.add_argument("command", choices=["demo", "maintain", "migrate", "get", "plot"])
-    args, rest = parser.parse_known_args(argv[:1])
-    if args.command == "get":
-        from kwollect.client.get import main as get_main
-
-        return get_main(argv[1:])
-    if args.command == "plot":
-        from kwollect.client.plot import main as plot_main
-
-        return plot_main(argv[1:])
-    if args.command == "demo":
-        from kwollect.dev.demo import main as demo_main
-
-        return demo_main(argv[1:])
-    if args.command == "migrate":
-        from kwollect.migrate.command import main as migrate_main
-
-        return migrate_main(argv[1:])
-    conf = tool_options("kwollect maintain", MAINTAIN_DEFAULTS, argv[1:] + rest)
-    if conf is None:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"kwollect: unknown command {command!r}\n{usage()}", file=sys.stderr)
         return 2
-    try:
-        asyncio.run(maintain(conf))
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"kwollect maintain: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,9 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 import urllib.request
 from datetime import UTC, datetime
-
-import pytest
 
 from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
@@ -52,52 +47,6 @@ def test_check_prints_the_polling_plan(tmp_path, capsys):
     assert "bad.yaml: entry 1 (x): device_id: required" in capsys.readouterr().err
 
 
-class Kwollector:
-    """A kwollector process with its own metrics_dir, config and spool."""
-
-    def __init__(self, base, kwdb, device_prefix: str) -> None:
-        self.base = base
-        self.metrics_dir = base / "metrics.d"
-        self.metrics_dir.mkdir(exist_ok=True)
-        (base / "db.pw").write_text(WRITER_PASSWORD)
-        self.config = base / "kwollector.conf"
-        self.config.write_text(textwrap.dedent(f"""\
-            metrics_dir: {self.metrics_dir}
-            db_host: 127.0.0.1
-            db_port: {kwdb.cluster.port}
-            db_name: kwdb
-            db_user: kwuser
-            db_password_file: {base / 'db.pw'}
-            spool_dir: {base / 'spool'}
-            log_level: info
-            self_device_id: {device_prefix}-self
-            self_metrics_every_s: 1
-            prometheus_port: {free_port()}
-            """))
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.base / "kwollector.log", "a")  # noqa: SIM115 (kept by the process)
-        self.process = subprocess.Popen([sys.executable, "-m", "kwollect.collect.kwollector",
-                                         str(self.config)], stdout=log, stderr=log)
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    def stop(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-
-    def log(self) -> str:
-        return (self.base / "kwollector.log").read_text()
-
-
 def write_descriptions(directory, name, entries):
     lines = []
     for e in entries:
@@ -119,21 +68,6 @@ async def rows(conn, device, metric=None):
     return await conn.fetch(
         "SELECT timestamp, metric_id, value FROM metrics WHERE device_id = $1 "
         "AND ($2::text IS NULL OR metric_id = $2) ORDER BY timestamp", device, metric)
-
-
-@pytest.fixture
-def collector(tmp_path, kwdb):
-    instances: list[Kwollector] = []
-
-    def make(prefix: str) -> Kwollector:
-        k = Kwollector(tmp_path, kwdb, prefix)
-        instances.append(k)
-        return k
-
-    yield make
-    for k in instances:
-        if k.process and k.process.poll() is None:
-            k.process.kill()
 
 
 async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_agent, node_exporter,

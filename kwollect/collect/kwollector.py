@@ -1,9 +1,12 @@
 """kwollector: poll the devices of metrics_dir and store every reading in the database.
 
-`kwollector <config.yaml> [--option value ...]` (reference options plus ours, see
-DEFAULTS); `--check` validates the descriptions and prints what would be polled; SIGHUP
-reloads the descriptions (unchanged targets keep running, buffered data is kept);
-SIGTERM flushes buffered readings to the database, or to the spool, and exits.
+`kwollector [CONFIG.yaml] [--option value ...]` (reference options plus ours);
+`--check` validates the descriptions and prints what would be polled.  SIGHUP reloads the
+descriptions: unchanged targets keep running, new valid ones start, an entry that became
+invalid keeps its last good description.  SIGTERM flushes buffered readings to the
+database, or during an outage to the spool (a stop takes under 2 s then), and exits.
+Readings wait in the spool while the database is away: by default $STATE_DIRECTORY, else
+~/.local/state/kwollect/kwollector-<config name>; `--spool_dir none` keeps them in memory.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from typing import Any
 
 from aiohttp import web
 
-from kwollect.collect.metricsd import ConfigError, LoadResult, load_metrics_dir
+from kwollect.collect.metricsd import ConfigError, EntryKey, LoadResult, load_metrics_dir
 from kwollect.collect.promotion import PromotionReader, Promotions
 from kwollect.collect.scheduler import Scheduler, schedule_entries
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
 from kwollect.collect.sharding import Shard, shard_key
-from kwollect.model import now_us
+from kwollect.model import MetricDescription, now_us
 from kwollect.options import tool_options
 from kwollect.protocols.url import target_name
 from kwollect.store.dbconn import DB_DEFAULTS, connect_kwargs
@@ -87,7 +90,8 @@ class Kwollector:
         self.conf = conf
         self.shard = Shard.parse(conf["shard"])
         self.promotions = Promotions()
-        self.writer = Writer(connect_kwargs(conf), WriterOptions.from_conf(conf))
+        self.writer_options = WriterOptions.from_conf(conf, "kwollector")
+        self.writer = Writer(connect_kwargs(conf), self.writer_options)
         self.scheduler = Scheduler(self.writer.submit, self.promotions,
                                    timeout_s=float(conf["timeout_s"]),
                                    target_concurrency=int(conf["target_concurrency"]))
@@ -99,10 +103,15 @@ class Kwollector:
         self.device_id = (conf["self_device_id"]
                           or f"kwollector-{socket.gethostname()}{suffix}")
         self._stop = asyncio.Event()
+        self._in_use: dict[EntryKey, MetricDescription] = {}
 
     def load(self) -> None:
-        result = load_metrics_dir(self.conf["metrics_dir"], strict=self.conf["strict"])
+        result = load_metrics_dir(self.conf["metrics_dir"], strict=self.conf["strict"],
+                                  previous=self._in_use)
         report(result)
+        for message in result.kept:
+            log.warning("%s", message)
+        self._in_use = result.by_entry
         descriptions = self.shard.select(result.descriptions)
         started, kept, stopped = self.scheduler.apply(descriptions)
         where = "" if self.shard.whole else f" (shard {self.shard}: {len(descriptions)} polled)"
@@ -137,6 +146,12 @@ class Kwollector:
             log.error("reload refused, keeping the current descriptions:\n%s", exc)
 
     async def run(self) -> None:
+        if self.writer_options.spool_dir is None:
+            log.warning("no spool (spool_dir: none): while the database is unreachable "
+                        "readings are kept in memory only (up to %d), and those held at a "
+                        "stop are lost", self.writer_options.queue_max_rows)
+        else:
+            log.info("spool: %s", self.writer_options.spool_dir)
         await self.writer.start()
         self.load()
         loop = asyncio.get_running_loop()
@@ -180,7 +195,7 @@ def tune_gc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     conf = tool_options("kwollector", DEFAULTS, argv,
-                        check=lambda c: Shard.parse(c["shard"]))
+                        check=lambda c: Shard.parse(c["shard"]), description=__doc__)
     if conf is None:
         return 2
     if conf["check"]:

@@ -5,7 +5,9 @@
 Options (YAML file given as first argument, or ``--name value``): the reference's
 `wattmetre_id`, `wattmetre_version` (2 or 3), `mapping_file_path`, `db_host`, `db_port`,
 `db_name`, `db_user`, `db_password` (better: `db_password_file`), `log_level`, and the
-writer's `spool_dir` (default: systemd's $STATE_DIRECTORY), `spool_max_mb`,
+writer's `spool_dir` (default: systemd's $STATE_DIRECTORY, else
+~/.local/state/kwollect/kwollector-wattmetre-<wattmetre_id>-<config name>; `none`: memory
+only), `spool_max_mb`,
 `queue_max_rows`, `batch_max_rows`, `flush_interval_s`, `db_pool_size`, `retry_max_s`,
 `close_timeout_s`.
 
@@ -170,10 +172,11 @@ async def run(conf: dict[str, Any], mapping: Mapping[str, str]) -> int:
     wattmetre_id = conf["wattmetre_id"]
     aggregator = WattmetreAggregator(wattmetre_id, conf["wattmetre_version"], mapping,
                                      logger=log)
-    options = WriterOptions.from_conf(conf)
+    options = WriterOptions.from_conf(conf, f"kwollector-wattmetre-{wattmetre_id}")
     if options.spool_dir is None:
-        log.warning("wattmetre %s: no spool_dir: during a database outage readings are kept "
-                    "in memory only (up to %d rows)", wattmetre_id, options.queue_max_rows)
+        log.warning("wattmetre %s: no spool (spool_dir: none): during a database outage "
+                    "readings are kept in memory only (up to %d rows)", wattmetre_id,
+                    options.queue_max_rows)
     writer = Writer(connect_kwargs(conf), options, name=f"kwollector-wattmetre[{wattmetre_id}]")
     await writer.start()
     watcher = promotion_reader(conf, wattmetre_id, aggregator)
@@ -212,7 +215,7 @@ def _check(conf: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    conf = tool_options("kwollector-wattmetre", DEFAULTS, argv, _check)
+    conf = tool_options("kwollector-wattmetre", DEFAULTS, argv, _check, description=__doc__)
     if conf is None:
         return 2
     try:

@@ -1,13 +1,19 @@
 """Metric descriptions: reading and validating `metrics_dir` (the reference's metrics.d).
 
-Each file holds a YAML list of descriptions, or one mapping.  A file with any error is
-reported (every error, naming file, entry and field) and skipped as a whole, so a typo in
-one device's file never stops the collection of the others; `strict` makes it fatal.
+Each file holds a YAML list of descriptions, or one mapping.  Every error is reported,
+naming file, entry and field; an invalid entry is skipped and the file's valid entries are
+used, so a typo in one entry never stops the collection of the others; `strict` makes any
+error fatal.
 Whatever a file holds (another encoding, binary data, 20,000 nested brackets, a name with
 a NUL byte or a lone surrogate, a period of 1e300 ms) ends as such an error, never as an
 exception: a kwollector must start, and reload on SIGHUP, with its other files.  What the
 directory holds but is not read (dangling symlinks, directories or special files with
 description-like names) is reported as a warning.
+
+At a reload (`previous`: what is running), an entry that became invalid keeps its last good
+description, and a file that cannot be read or parsed any more keeps all of its last good
+descriptions, each reported with file and entry: a SIGHUP after a typo never stops a metric
+that was being collected.  Entries are identified by file and position in the file.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class ConfigError(KwollectError, ValueError):
         self.errors = errors
 
 
+EntryKey = tuple[str, int]
+"""(file path, entry number from 1): how a reload finds an entry's last good description."""
+
+
 @dataclass
 class LoadResult:
     descriptions: list[MetricDescription] = field(default_factory=list)
@@ -60,6 +70,11 @@ class LoadResult:
     """Entries of the directory that are not read, e.g. a dangling symlink."""
     files_read: int = 0
     files_skipped: int = 0
+    """Files of which nothing could be used (unreadable, invalid YAML, every entry invalid)."""
+    kept: list[str] = field(default_factory=list)
+    """Entries that became invalid at a reload and keep their last good description."""
+    by_entry: dict[EntryKey, MetricDescription] = field(default_factory=dict)
+    """What is in use, by entry: give it as `previous` to the next load."""
 
 
 def description_files(metrics_dir: Path, warnings: list[str] | None = None) -> list[Path]:
@@ -195,25 +210,46 @@ def _labels(labels: Mapping[Any, Any], where: str, errors: list[str]) -> None:
                           f"{MAX_LABELS_BYTES} per series")
 
 
-def load_file(path: Path) -> list[MetricDescription]:
-    """All descriptions of one file, or ConfigError with every problem found in it."""
+@dataclass
+class FileEntries:
+    """What one file gave: valid descriptions by entry number, and its errors."""
+
+    descriptions: dict[int, MetricDescription] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    invalid: list[int] = field(default_factory=list)
+    """Numbers of the invalid entries."""
+    unreadable: bool = False
+    """The file as a whole could not be read or parsed."""
+
+
+def read_file(path: Path) -> FileEntries:
+    """Every entry of one file, validated one by one."""
+    result = FileEntries()
     where = excerpt(path, 400)
     try:
         content = read_yaml(path, "description file")
     except YamlFileError as exc:
-        raise ConfigError([str(exc)]) from None
+        result.errors.append(str(exc))
+        result.unreadable = True
+        return result
     if content is None:
-        return []
+        return result
     entries = content if isinstance(content, list) else [content]
-    descriptions, errors = [], []
     for number, entry in enumerate(entries, 1):
         try:
-            descriptions.append(parse_entry(entry, f"{where}: entry {number}"))
+            result.descriptions[number] = parse_entry(entry, f"{where}: entry {number}")
         except ConfigError as exc:
-            errors += exc.errors
-    if errors:
-        raise ConfigError(errors)
-    return descriptions
+            result.errors += exc.errors
+            result.invalid.append(number)
+    return result
+
+
+def load_file(path: Path) -> list[MetricDescription]:
+    """All descriptions of one file, or ConfigError with every problem found in it."""
+    entries = read_file(path)
+    if entries.errors:
+        raise ConfigError(entries.errors)
+    return list(entries.descriptions.values())
 
 
 def check_duplicates(descriptions: Iterable[MetricDescription]) -> list[str]:
@@ -229,8 +265,29 @@ def check_duplicates(descriptions: Iterable[MetricDescription]) -> list[str]:
     return errors
 
 
-def load_metrics_dir(metrics_dir: str | Path, strict: bool = False) -> LoadResult:
-    """Read every description file; broken files are reported and skipped (or fatal)."""
+def _keep_last_good(path: Path, entries: FileEntries,
+                    previous: Mapping[EntryKey, MetricDescription], result: LoadResult) -> None:
+    """At a reload: entries of `path` that became invalid keep their last good description."""
+    name = str(path)
+    if entries.unreadable:
+        lost = sorted(n for f, n in previous if f == name)
+    else:
+        lost = [n for n in entries.invalid if (name, n) in previous]
+    for number in lost:
+        desc = previous[(name, number)]
+        entries.descriptions[number] = desc
+        result.kept.append(f"{excerpt(path, 400)}: entry {number} ({desc.name}, device "
+                           f"{desc.device_id}) is invalid now: its last good description "
+                           f"is kept")
+
+
+def load_metrics_dir(metrics_dir: str | Path, strict: bool = False,
+                     previous: Mapping[EntryKey, MetricDescription] | None = None,
+                     ) -> LoadResult:
+    """Read every description file; invalid entries are reported and skipped (or fatal).
+
+    `previous` (the last result's `by_entry`) makes this a reload: see the module docstring.
+    """
     directory = Path(metrics_dir)
     result = LoadResult()
     if not directory.is_dir():
@@ -240,14 +297,17 @@ def load_metrics_dir(metrics_dir: str | Path, strict: bool = False) -> LoadResul
     except OSError as exc:
         raise ConfigError([f"{directory}: cannot list metrics_dir: {exc.strerror}"]) from None
     for path in paths:
-        try:
-            descriptions = load_file(path)
-        except ConfigError as exc:
-            result.errors += exc.errors
+        entries = read_file(path)
+        result.errors += entries.errors
+        if previous:
+            _keep_last_good(path, entries, previous, result)
+        if entries.errors and not entries.descriptions:
             result.files_skipped += 1
-            continue
-        result.files_read += 1
-        result.descriptions += descriptions
+        else:
+            result.files_read += 1
+        for number, desc in sorted(entries.descriptions.items()):
+            result.by_entry[(str(path), number)] = desc
+            result.descriptions.append(desc)
     duplicates = check_duplicates(result.descriptions)
     if duplicates:
         result.errors += duplicates

@@ -363,7 +363,7 @@ def config_secret(config: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    conf = tool_options("kwollect-setup-db", DEFAULTS, argv)
+    conf = tool_options("kwollect-setup-db", DEFAULTS, argv, description=__doc__)
     if conf is None:
         return 2
     try:

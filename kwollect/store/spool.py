@@ -352,3 +352,26 @@ class Spool:
             self._segments.popleft()
             self._size -= segment.size
             self._dir_dirty = True
+
+
+MEMORY_ONLY = "none"
+"""The spool_dir value that asks for no spool (readings held in memory only)."""
+
+
+def spool_directory(configured: str, program: str, config_file: str = "") -> Path | None:
+    """The directory a `spool_dir` option value means; None for memory only.
+
+    Lossless by default: an empty value is systemd's StateDirectory ($STATE_DIRECTORY), else
+    a per-user state directory, ``$XDG_STATE_HOME/kwollect/<program>-<config file stem>``
+    (``~/.local/state`` when XDG_STATE_HOME is unset), so two collectors of one user with
+    different configuration files never share a spool.  Only ``none`` means memory only.
+    """
+    if configured.strip().lower() == MEMORY_ONLY:
+        return None
+    if configured:
+        return Path(configured)
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "kwollect" / (program + (f"-{Path(config_file).stem}" if config_file else ""))

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kwollect.options import CONFIG_FILE_KEY
+from kwollect.store.spool import spool_directory
+
 CLOSE_TIMEOUT_S = 20.0
+CLOSE_OFFLINE_S = 1.0
+"""At close during an outage: the longest wait for one more attempt to reach the database."""
 """How long `Writer.close` gives the database to take what is queued."""
 
 
@@ -54,18 +58,19 @@ class WriterOptions:
     db_schema: str = "kwollect"
 
     @classmethod
-    def from_conf(cls, conf: Mapping[str, Any]) -> WriterOptions:
+    def from_conf(cls, conf: Mapping[str, Any], program: str = "kwollector") -> WriterOptions:
         """From `WRITER_DEFAULTS`-style options.
 
-        An empty spool_dir means systemd's StateDirectory ($STATE_DIRECTORY) when set, else
-        no spool (rows are kept in memory only, up to queue_max_rows).
+        spool_dir as `kwollect.store.spool.spool_directory` reads it: empty is the default
+        spool of `program` (lossless by default), ``none`` is memory only.
         """
-        spool_dir = conf.get("spool_dir") or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        spool_dir = spool_directory(str(conf.get("spool_dir") or ""), program,
+                                    str(conf.get(CONFIG_FILE_KEY) or ""))
         return cls(queue_max_rows=int(conf["queue_max_rows"]),
                    batch_max_rows=int(conf["batch_max_rows"]),
                    flush_interval_s=float(conf["flush_interval_s"]),
                    pool_size=int(conf["db_pool_size"]),
-                   spool_dir=spool_dir or None,
+                   spool_dir=spool_dir,
                    spool_max_bytes=int(float(conf["spool_max_mb"]) * (1 << 20)),
                    retry_max_s=float(conf["retry_max_s"]),
                    batch_timeout_s=float(conf.get("db_batch_timeout_s",

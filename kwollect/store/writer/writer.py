@@ -26,7 +26,7 @@ from kwollect.store.writer.copy_encoders import (
     samples_copy,
 )
 from kwollect.store.writer.faults import Drops, describe, is_data_error
-from kwollect.store.writer.options import CLOSE_TIMEOUT_S, WriterOptions
+from kwollect.store.writer.options import CLOSE_OFFLINE_S, CLOSE_TIMEOUT_S, WriterOptions
 from kwollect.store.writer.partitions import PartitionCache
 from kwollect.store.writer.series import REJECTED, SeriesCache
 from kwollect.store.writer.spool_codec import (
@@ -136,7 +136,12 @@ class Writer:
 
     async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Write what is queued, then stop; what the database did not take in `timeout`
-        seconds (or at once if it is down) stays in the spool for the next run."""
+        seconds stays in the spool for the next run (without a spool: dropped and counted).
+
+        During an outage the stop is fast in every configuration: once the writer is
+        offline, close() waits for one more failed attempt, at most CLOSE_OFFLINE_S, then
+        parks what it holds (a kwollector stopped 10 s into an outage used to wait the
+        whole 20 s with nothing polled)."""
         if self._closed or self._closing:
             return
         loop = asyncio.get_running_loop()
@@ -144,10 +149,16 @@ class Writer:
         self._closing = True
         self._cut(full_only=False)
         self._retry_now.set()  # senders waiting out a back-off try again now
+        offline_deadline: float | None = None
         try:
             while loop.time() < deadline and self._busy():
-                if self._offline and self._failed_while_closing and not self._queue.ready:
-                    break
+                if self._offline:
+                    if self._failed_while_closing:
+                        break
+                    if offline_deadline is None:
+                        offline_deadline = loop.time() + CLOSE_OFFLINE_S
+                    elif loop.time() >= offline_deadline:
+                        break
                 await asyncio.sleep(0.02)
         finally:
             self._closed = True
