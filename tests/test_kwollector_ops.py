@@ -106,6 +106,7 @@ async def test_reload_keeps_the_last_good_description_of_a_broken_entry(collecto
     write_descriptions(k.metrics_dir, "pdu.yaml", entries)
     k.start()
     try:
+        await wait_for_log(k, "metrics loaded")  # SIGHUP is handled from then on
         await asyncio.sleep(2)
         broken = (k.metrics_dir / "pdu.yaml").read_text().replace("update_every: 500\n",
                                                                   "update_evry: 500\n", 1)
