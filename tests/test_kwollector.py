@@ -11,6 +11,8 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
 from kwollect.dev.simulators import free_port
@@ -85,10 +87,12 @@ async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_ag
     port = re.search(r"prometheus_port: (\d+)", k.config.read_text()).group(1)
     exposition = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())
-    text = exposition.decode()
-    assert "kwollector_values_collected_total " in text
-    assert "kwollector_writer_online 1.0" in text  # what an operator alerts on
-    assert f'kwollector_polls_total{{target="snmp://127.0.0.1:{snmp_agent.port}"}}' in text
+    families = {f.name: f for f in text_string_to_metric_families(exposition.decode())}
+    assert families["kwollector_values_collected"].type == "counter"
+    assert families["kwollector_writer_online"].samples[0].value == 1.0  # to alert on
+    [polls] = families["kwollector_polls"].samples
+    assert polls.labels == {"target": f"snmp://127.0.0.1:{snmp_agent.port}",
+                            "credentials": "1"}
     # SIGHUP: a new file is picked up without a restart
     write_descriptions(k.metrics_dir, "more.yaml", [
         {"name": "late", "device_id": "kw1-late", "url": snmp_agent.url(OIDS[9])}])

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kwollect.collect.metricsd import ConfigError, EntryKey, LoadResult, load_metrics_dir
 from kwollect.collect.promotion import PromotionReader, Promotions
@@ -129,7 +130,7 @@ class Kwollector:
         async def metrics(_request: web.Request) -> web.Response:
             text = prometheus_text(self.scheduler.values_collected, self.writer.stats(),
                                    self.scheduler.target_stats)
-            return web.Response(text=text, content_type="text/plain", charset="utf-8")
+            return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
