@@ -46,6 +46,49 @@ BEGIN
               HINT = 'Use true, false, or auto (rates for metric ids ending in _total only).';
 END $$;
 
+-- get_metrics' as_rate takes a boolean (Kwollect 1.x Grafana dashboards call
+-- api.get_metrics(..., summary => true, as_rate => false)) or a word ('auto', 'true',
+-- 'yes'... as text, from the HTTP API or SQL): an enum with implicit casts from boolean and
+-- from text.  An overload would do for SQL but would make every HTTP call ambiguous
+-- (PostgREST chooses among overloads by parameter names only).  Literals in SQL are read
+-- by the enum itself (lower case only); text values, from any case, by parse_as_rate.
+DO $$
+BEGIN
+    IF to_regtype('api.as_rate_mode') IS NULL THEN
+        CREATE TYPE api.as_rate_mode AS ENUM ('false', 'true', 'auto', 'f', 't', '0', '1',
+                                              'no', 'yes', 'off', 'on');
+    END IF;
+END $$;
+COMMENT ON TYPE api.as_rate_mode IS
+    'get_metrics as_rate: true (rates of every metric), false, or auto (rates of *_total '
+    'counters only); also a boolean.';
+
+CREATE OR REPLACE FUNCTION kwollect.as_rate_mode(p_flag boolean) RETURNS api.as_rate_mode
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_flag THEN 'true'::api.as_rate_mode ELSE 'false'::api.as_rate_mode END
+$$;
+
+CREATE OR REPLACE FUNCTION kwollect.as_rate_mode(p_text text) RETURNS api.as_rate_mode
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE kwollect.parse_as_rate(p_text)
+               WHEN 'all' THEN 'true'::api.as_rate_mode
+               WHEN 'auto' THEN 'auto'::api.as_rate_mode
+               ELSE 'false'::api.as_rate_mode END
+$$;
+
+DO $$
+DECLARE
+    source regtype;
+BEGIN
+    FOREACH source IN ARRAY ARRAY['boolean'::regtype, 'text'::regtype] LOOP
+        IF NOT EXISTS (SELECT FROM pg_cast WHERE castsource = source
+                       AND casttarget = 'api.as_rate_mode'::regtype) THEN
+            EXECUTE format('CREATE CAST (%s AS api.as_rate_mode) '
+                           'WITH FUNCTION kwollect.as_rate_mode(%s) AS IMPLICIT', source, source);
+        END IF;
+    END LOOP;
+END $$;
+
 -- What a get_metrics call asks for: its time window and its device and metric lists.
 CREATE OR REPLACE FUNCTION kwollect.metrics_request(
     p_job_id integer, p_nodes text, p_devices text, p_metrics text,
@@ -302,6 +345,7 @@ RETURNS double precision LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, boolean);
+DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, text);
 -- Rows come in (timestamp, series rank) order by construction: the window is read chunk
 -- by chunk (a lateral join on ascending minute keys, so a nested loop), each chunk's
 -- narrow rows sorted in memory, and the text columns added by a memoized look-up that
@@ -315,12 +359,12 @@ CREATE OR REPLACE FUNCTION api.get_metrics(
     start_time text DEFAULT NULL,
     end_time text DEFAULT NULL,
     summary boolean DEFAULT false,
-    as_rate text DEFAULT 'false')
+    as_rate api.as_rate_mode DEFAULT 'false')
 RETURNS TABLE ("timestamp" timestamptz, device_id text, metric_id text,
                value double precision, labels jsonb)
 LANGUAGE sql STABLE AS $$
     WITH plan AS MATERIALIZED (
-        SELECT p.*, kwollect.parse_as_rate(as_rate) AS rate_mode
+        SELECT p.*, kwollect.parse_as_rate(as_rate::text) AS rate_mode
         FROM kwollect.metrics_plan(job_id, nodes, devices, metrics, start_time, end_time,
                                    summary) p
     )

@@ -215,7 +215,8 @@ def start_snmpd(base: Path) -> tuple[subprocess.Popen, SnmpAgent]:
         agent.set_rows({})
         with agent.log_file.open("w") as log:
             process = subprocess.Popen(
-                [snmpd, "-f", "-Lo", "-C", "-m", "", "-c", str(config), "-p",
+                # -I -smux: no SMUX listener (snmpd's default binds 0.0.0.0:199/tcp)
+                [snmpd, "-f", "-Lo", "-C", "-I", "-smux", "-m", "", "-c", str(config), "-p",
                  str(base / "snmpd.pid"), f"udp:127.0.0.1:{port}"],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         if _wait_ready(process, port, time.monotonic() + 15):
