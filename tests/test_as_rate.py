@@ -25,9 +25,11 @@ async def counter(kwdb):
 
 
 async def values(conn: asyncpg.Connection, call: str, *args: object) -> dict[str, list]:
-    rows = await conn.fetch(f"SELECT metric_id, value FROM api.get_metrics(devices => 'ar-1', "
-                            f"start_time => '{WINDOW['start']}', end_time => '{WINDOW['end']}', "
-                            f"{call}) ORDER BY metric_id, timestamp", *args)  # noqa: S608
+    # `call` comes from the fixed parameter lists below; the window is a constant
+    query = (f"SELECT metric_id, value FROM api.get_metrics(devices => 'ar-1', "  # noqa: S608
+             f"start_time => '{WINDOW['start']}', end_time => '{WINDOW['end']}', "
+             f"{call}) ORDER BY metric_id, timestamp")
+    rows = await conn.fetch(query, *args)
     result: dict[str, list] = {}
     for r in rows:
         result.setdefault(r["metric_id"], []).append(r["value"])
