@@ -90,8 +90,9 @@ HELP: dict[str, str] = {
     # kwollect maintain
     "every_seconds": "run the maintenance every that many seconds (0: once, then exit)",
     # kwollect-setup-db
-    "db_admin": "PostgreSQL administrator role setup connects as (as root, setup runs as the "
-                "postgres system user through runuser: peer authentication)",
+    "db_admin": "PostgreSQL administrator role setup connects as; run as root with a unix "
+                "socket db_host and no db_admin password, setup connects as the system user of "
+                "that name (peer authentication, stock Debian)",
     "db_admin_password": "password of db_admin (prefer db_admin_password_file)",
     "db_admin_password_file": "file holding db_admin's password",
     "kwollect_db_name": "name of the kwollect database",
@@ -100,7 +101,9 @@ HELP: dict[str, str] = {
     "kwollect_password": "password of the writer role (prefer kwollect_password_file)",
     "kwollect_password_file": "file holding the writer role's password; created with a fresh "
                               "random password (mode 0640) when missing",
-    "kwollect_password_ro": "password of the read-only role (prefer kwollect_password_ro_file)",
+    "kwollect_password_ro": "password of the read-only role (prefer kwollect_password_ro_file; "
+                            "neither: a random one, printed, for a new role or one with the "
+                            "old default password)",
     "kwollect_password_ro_file": "file holding the read-only role's password; created with a "
                                  "fresh random password (mode 0640) when missing",
     "chunk_interval_hour": "time range of one sample partition, in hours",
@@ -114,7 +117,10 @@ HELP: dict[str, str] = {
     "jobmetrics_requests_path": "file of job-wide metrics requests (one per line) to load",
     "token_expiry_days": "validity of the writer API token printed, in days (0: no expiry)",
     "postgrest_config_path": "where to write the kwollect-api / PostgREST configuration "
-                             "(mode 0600, or 0640 with service_group); empty: print it",
+                             "(atomically, mode 0640 with service_group, else 0600); empty: "
+                             "print it",
+    "service_group": "group that may read the password and configuration files setup writes "
+                     "(mode 0640; default: kwollect when that group exists; none: root only, 0600)",
     "api_db_host": "database host written into the API configuration (default: db_host, or "
                    "localhost for a unix socket)",
 }
@@ -214,11 +220,13 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> tuple[dict[str, Any
 
 def load_options(defaults: dict[str, Any], argv: Sequence[str] | None = None,
                  prog: str = "kwollect", description: str | None = None,
-                 warnings: list[str] | None = None) -> dict[str, Any]:
+                 warnings: list[str] | None = None,
+                 may_be_missing: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Defaults < YAML file (first positional argument) < --options; then secret files.
 
     Warnings (options of other kwollect tools found in the file) are appended to `warnings`.
-    The file read, if any, is recorded under CONFIG_FILE_KEY.
+    The file read, if any, is recorded under CONFIG_FILE_KEY.  Secret files named in
+    `may_be_missing` are left unread when they do not exist (the tool creates them).
     """
     parser = build_parser(prog, defaults, description)
     args = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
@@ -236,6 +244,10 @@ def load_options(defaults: dict[str, Any], argv: Sequence[str] | None = None,
             path = Path(conf[key])
             try:
                 lines = path.read_text().splitlines()
+            except FileNotFoundError as exc:
+                if key in may_be_missing:
+                    continue
+                raise OptionError(f"{key}: cannot read {path}: {exc.strerror}") from exc
             except OSError as exc:
                 raise OptionError(f"{key}: cannot read {path}: {exc.strerror}") from exc
             conf[key[:-5]] = lines[0].strip() if lines else ""
@@ -254,7 +266,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def tool_options(prog: str, defaults: dict[str, Any], argv: Sequence[str] | None,
                  check: Callable[[dict[str, Any]], object] | None = None,
-                 description: str | None = None) -> dict[str, Any] | None:
+                 description: str | None = None,
+                 may_be_missing: frozenset[str] = frozenset()) -> dict[str, Any] | None:
     """A command-line tool's options, checked, with logging set up at their log_level.
 
     Returns None, after printing what is wrong to stderr, when the options are bad; the tool
@@ -262,7 +275,7 @@ def tool_options(prog: str, defaults: dict[str, Any], argv: Sequence[str] | None
     """
     warnings: list[str] = []
     try:
-        conf = load_options(defaults, argv, prog, description, warnings)
+        conf = load_options(defaults, argv, prog, description, warnings, may_be_missing)
         if check is not None:
             check(conf)
     except (OptionError, ValueError) as exc:

@@ -21,7 +21,7 @@ def run_setup(pg_cluster, tmp_path, *extra: str, database: str = "kwdb_rerun") -
     password_file.write_text(WRITER_PASSWORD + "\n")
     return main(["--db_host", pg_cluster.socket_dir, "--db_port", str(pg_cluster.port),
                  "--kwollect_db_name", database, "--kwollect_password_file", str(password_file),
-                 "--kwollect_password_ro", READER_PASSWORD, *extra])
+                 "--kwollect_password_ro", READER_PASSWORD, "--service_group", "none", *extra])
 
 
 def parse_postgrest(text: str) -> dict[str, str]:
@@ -103,8 +103,9 @@ def test_bad_option_value_names_the_option(pg_cluster, tmp_path, capsys):
 
 
 def test_unreadable_password_file(pg_cluster, tmp_path, capsys):
-    rc = main(["--db_host", pg_cluster.socket_dir, "--kwollect_password_file",
-               str(tmp_path / "missing")])
+    """A missing password file is created (tests/test_setup_operator.py); one that cannot
+    be read is an error naming the option."""
+    rc = main(["--db_host", pg_cluster.socket_dir, "--kwollect_password_file", str(tmp_path)])
     assert rc == 2
     assert "kwollect_password_file" in capsys.readouterr().err
 

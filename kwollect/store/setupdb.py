@@ -1,8 +1,16 @@
 """kwollect-setup-db: create or upgrade the kwollect database, its roles and its SQL API.
 
-Runs as a PostgreSQL administrator.  Re-running it upgrades in place: the SQL files are
-idempotent, the schema version is recorded, and nothing it runs drops data, job tables or
-a view that a scheduler integration installed.
+    kwollect-setup-db /etc/kwollect/setup-db.conf          (as root, on stock Debian)
+
+Run as root with the database on its unix socket, it connects as the `postgres` system user
+(peer authentication, as `runuser -u postgres` would) while it writes the files it makes as
+root.  Password files that do not exist are created with fresh random passwords, mode 0640
+and group `kwollect` (the services' group; `service_group`), and the API configuration is
+written atomically with the same modes, replacing any looser file.  No role keeps a default
+password.  Each step done is reported; a failure says what was done and what was not, and
+re-running is safe: the SQL files are idempotent, the schema version is recorded, and
+nothing it runs drops data, job tables or a view that a scheduler integration installed.
+It ends with the commands to run next.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import os
+import pwd
 import re
 import secrets
 import sys
@@ -27,6 +36,7 @@ import asyncpg
 import jwt
 
 from kwollect.options import OptionError, positive_int, tool_options
+from kwollect.store.secretfiles import default_group, new_secret, write_secret_file
 
 log = logging.getLogger("kwollect.store.setupdb")
 
@@ -40,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "kwollect_user": "kwuser",
     "kwollect_password": "",
     "kwollect_password_file": "",
-    "kwollect_password_ro": "ro",
+    "kwollect_password_ro": "",
     "kwollect_password_ro_file": "",
     "chunk_interval_hour": 6,
     "chunk_compress_hour": 24,
@@ -52,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "jobmetrics_requests_path": "",
     "token_expiry_days": 365,
     "postgrest_config_path": "",
+    "service_group": "",
     "api_db_host": "",
     "log_level": "warning",
 }
@@ -321,27 +332,117 @@ def postgrest_config(conf: dict[str, Any], roles: dict[str, str], secret: str,
             f'jwt-secret = "{secret}"\n')
 
 
-async def setup(conf: dict[str, Any]) -> tuple[str, str]:
-    """Create or upgrade everything; returns (PostgREST configuration, writer token)."""
+def peer_user(conf: dict[str, Any]) -> pwd.struct_passwd | None:
+    """The system user to connect as: db_admin's namesake, when run as root over a unix
+    socket without an admin password (stock Debian: peer authentication for postgres)."""
+    if os.geteuid() != 0 or not str(conf["db_host"]).startswith("/") \
+            or conf["db_admin_password"]:
+        return None
+    try:
+        return pwd.getpwnam(conf["db_admin"])
+    except KeyError:
+        return None
+
+
+async def connect_admin(conf: dict[str, Any], database: str) -> asyncpg.Connection:
+    """A connection as db_admin; as root, made with the effective uid of `peer_user`.
+
+    Peer authentication reads the credentials of the socket's connect(), so only that
+    call runs as the system user; the process is root again before and after.
+    """
+    kwargs = {"host": conf["db_host"], "port": conf["db_port"], "user": conf["db_admin"],
+              "password": conf["db_admin_password"] or None, "database": database}
+    user = peer_user(conf)
+    try:
+        if user is None:
+            return await asyncpg.connect(**kwargs)
+        os.seteuid(user.pw_uid)
+        try:
+            return await asyncpg.connect(**kwargs)
+        finally:
+            os.seteuid(0)
+    except OSError as exc:
+        raise SetupError(f"cannot reach the database server at {conf['db_host']} port "
+                         f"{conf['db_port']}: {exc.strerror or exc}") from None
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        how = (f"connected as the system user {user.pw_name}" if user else
+               "run as root, setup connects as the postgres system user over the unix socket "
+               "(peer authentication)")
+        raise SetupError(f"{exc} (db_admin {conf['db_admin']!r} at {conf['db_host']}: {how}; "
+                         f"or give db_admin_password_file)") from None
+
+
+class SetupError(RuntimeError):
+    """A failure of the database part, with what to do."""
+
+
+def _scram_matches(verifier: str, password: str) -> bool:
+    """Whether a SCRAM-SHA-256 verifier (pg_authid.rolpassword) is that of `password`."""
+    try:
+        _, rest = verifier.split("$", 1)
+        iterations, salt = rest.split("$", 1)[0].split(":")
+        stored_key = base64.b64decode(rest.split("$", 1)[1].split(":")[0])
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt),
+                                     int(iterations))
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)
+    except (ValueError, IndexError):
+        return False
+
+
+LEGACY_READER_PASSWORD = "ro"
+"""The read-only role's default password of earlier releases: replaced at upgrade."""
+
+
+async def reader_needs_password(conn: asyncpg.Connection, role: str) -> bool:
+    """True for a new role, one without a password, or one with the old default `ro`."""
+    if not await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role):
+        return True
+    try:
+        stored = await conn.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                                     role)
+    except asyncpg.InsufficientPrivilegeError:  # not a superuser: cannot tell, keep it
+        return False
+    if stored is None:
+        return True
+    if stored.startswith("SCRAM-SHA-256$"):
+        return _scram_matches(stored, LEGACY_READER_PASSWORD)
+    legacy = "md5" + hashlib.md5((LEGACY_READER_PASSWORD + role).encode()).hexdigest()  # noqa: S324
+    return stored == legacy
+
+
+async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[str, str]:
+    """Create or upgrade everything; returns (PostgREST configuration, writer token).
+
+    Each step done is appended to `done`.  Without a read-only password, the read-only role
+    gets a random one if it has none (or the old default): it is then in
+    conf["kwollect_password_ro"] and the caller must hand it on.
+    """
+    done = [] if done is None else done
     if not conf["kwollect_password"]:
         raise OptionError("kwollect_password (or kwollect_password_file) is mandatory")
     roles = role_names(conf["kwollect_user"])
-    passwords = {"writer_role": conf["kwollect_password"],
-                 "reader_role": conf["kwollect_password_ro"]}
-    connect = {"host": conf["db_host"], "port": conf["db_port"], "user": conf["db_admin"],
-               "password": conf["db_admin_password"] or None}
-    admin = await asyncpg.connect(database="postgres", **connect)
+    admin = await connect_admin(conf, "postgres")
     try:
+        passwords = {"writer_role": conf["kwollect_password"]}
+        if conf["kwollect_password_ro"]:
+            passwords["reader_role"] = conf["kwollect_password_ro"]
+        elif await reader_needs_password(admin, roles["reader_role"]):
+            conf["kwollect_password_ro"] = passwords["reader_role"] = new_secret()
         await ensure_roles(admin, roles, passwords)
+        done.append(f"roles {', '.join(roles.values())} (passwords of "
+                    f"{', '.join(roles[k] for k in passwords)} set)")
         await ensure_database(admin, conf["kwollect_db_name"], roles["owner_role"])
         await set_timeouts(admin, conf, roles)
         if conf["archive_path"]:
             await ensure_archive(admin, conf["archive_path"], roles["owner_role"])
+        done.append(f"database {conf['kwollect_db_name']}")
     finally:
         await admin.close()
-    conn = await asyncpg.connect(database=conf["kwollect_db_name"], **connect)
+    conn = await connect_admin(conf, conf["kwollect_db_name"])
     try:
         await apply_schema(conn, conf, roles)
+        done.append(f"schema {schema_version()} applied")
         if conf["jobmetrics_requests_path"]:
             count = await load_jobmetrics_requests(conn, conf["jobmetrics_requests_path"])
             log.info("loaded %d job metrics requests", count)
@@ -362,24 +463,68 @@ def config_secret(config: str) -> str:
     raise ValueError("jwt-secret missing from the configuration")
 
 
+PASSWORDS = (("kwollect_password", "writer"), ("kwollect_password_ro", "read-only"))
+
+
+def create_missing_password_files(conf: dict[str, Any], group: str, done: list[str]) -> None:
+    """A `*_password_file` that does not exist gets a fresh random password."""
+    for key, what in PASSWORDS:
+        path = conf[f"{key}_file"]
+        if conf[key] or not path or os.path.exists(path):
+            continue
+        conf[key] = new_secret()
+        mode = write_secret_file(path, conf[key] + "\n", group)
+        done.append(f"created {path} ({mode}): a new random {what} password")
+
+
+def next_steps(conf: dict[str, Any]) -> str:
+    config = conf["postgrest_config_path"] or "/etc/kwollect/api.conf"
+    return (
+        "Next:\n"
+        f"  systemctl enable --now kwollect-api.service kwollect-maintain.timer"
+        f"      # the API (reads {config})\n"
+        "  $EDITOR /etc/kwollect/metrics.d/*.yaml /etc/kwollect/kwollector.conf\n"
+        "  kwollector /etc/kwollect/kwollector.conf --check\n"
+        "  systemctl enable --now kwollector@kwollector.service\n"
+        "  curl 'http://localhost:3000/rpc/get_metrics?devices=<device>'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    conf = tool_options("kwollect-setup-db", DEFAULTS, argv, description=__doc__)
+    conf = tool_options("kwollect-setup-db", DEFAULTS, argv, description=__doc__,
+                        may_be_missing=frozenset({"kwollect_password_file",
+                                                  "kwollect_password_ro_file"}))
     if conf is None:
         return 2
+    done: list[str] = []
     try:
-        config, token = asyncio.run(setup(conf))
-    except (OptionError, OSError, asyncpg.PostgresError, RuntimeError) as exc:
+        group = {"": default_group(), "none": ""}.get(conf["service_group"],
+                                                     conf["service_group"])
+        create_missing_password_files(conf, group, done)
+        ro_given = bool(conf["kwollect_password_ro"])
+        config, token = asyncio.run(setup(conf, done))
+        target = conf["postgrest_config_path"]
+        if target:
+            mode = write_secret_file(target, config, group)
+            done.append(f"wrote {target} ({mode})")
+    except (OptionError, OSError, ValueError, asyncpg.PostgresError, RuntimeError) as exc:
         print(f"kwollect-setup-db: {exc}", file=sys.stderr)
+        if done:
+            print("Done before the failure:\n" + "".join(f"  - {d}\n" for d in done)
+                  + "Not done: the rest; fix the cause and run the same command again "
+                  "(it is safe to re-run).", file=sys.stderr)
+        else:
+            print("Nothing was changed.", file=sys.stderr)
         return 1
-    target = conf["postgrest_config_path"]
-    if target:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(config)
-        print(f"PostgREST / kwollect-api configuration written to {target}")
-    else:
+    print("kwollect-setup-db: done\n" + "".join(f"  - {d}\n" for d in done))
+    if not target:
         print("PostgREST / kwollect-api configuration:\n")
         print(config)
+    if not ro_given and conf["kwollect_password_ro"]:
+        print(f"Password of the read-only role {role_names(conf['kwollect_user'])['reader_role']}"
+              f" (for Grafana; give kwollect_password_ro_file to keep it in a file):\n"
+              f"{conf['kwollect_password_ro']}\n")
+    if target:
+        print(next_steps(conf) + "\n")
     print("Scheduler token (job_start, job_end and update_promoted_metrics only; for the "
           "scheduler's prolog/epilog hooks):\n")
     print(make_token(config_secret(config), role_names(conf["kwollect_user"])["scheduler_role"],
