@@ -90,9 +90,9 @@ async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_ag
     families = {f.name: f for f in text_string_to_metric_families(exposition.decode())}
     assert families["kwollector_values_collected"].type == "counter"
     assert families["kwollector_writer_online"].samples[0].value == 1.0  # to alert on
-    [polls] = families["kwollector_polls"].samples
-    assert polls.labels == {"target": f"snmp://127.0.0.1:{snmp_agent.port}",
-                            "credentials": "1"}
+    polls = {s.labels["target"]: s.labels for s in families["kwollector_polls"].samples}
+    snmp_target = f"snmp://127.0.0.1:{snmp_agent.port}"
+    assert polls[snmp_target] == {"target": snmp_target, "credentials": "1"}
     # SIGHUP: a new file is picked up without a restart
     write_descriptions(k.metrics_dir, "more.yaml", [
         {"name": "late", "device_id": "kw1-late", "url": snmp_agent.url(OIDS[9])}])
