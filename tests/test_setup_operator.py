@@ -75,7 +75,7 @@ def test_root_on_peer_authentication_creates_password_files_and_private_config(
     writer_pw = writer_file.read_text().strip()
     reader_pw = reader_file.read_text().strip()
     assert len(writer_pw) >= 40 and len(reader_pw) >= 40 and writer_pw != reader_pw
-    assert writer_pw in api_conf.read_text()
+    assert "db-uri" in api_conf.read_text() and "old" not in api_conf.read_text()
     assert writer_pw not in out and reader_pw not in out
     assert "systemctl enable --now kwollect-api.service" in out  # the next commands
     assert asyncio.run(can_log_in(peer_cluster, "kwuser", writer_pw, "kwdb_root"))

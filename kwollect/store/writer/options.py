@@ -12,9 +12,9 @@ from kwollect.options import CONFIG_FILE_KEY
 from kwollect.store.spool import spool_directory
 
 CLOSE_TIMEOUT_S = 20.0
+"""How long `Writer.close` gives the database to take what is queued."""
 CLOSE_OFFLINE_S = 1.0
 """At close during an outage: the longest wait for one more attempt to reach the database."""
-"""How long `Writer.close` gives the database to take what is queued."""
 
 
 @dataclass(frozen=True)
