@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from importlib.metadata import version as package_version
 from typing import IO, Any
 from urllib.parse import parse_qsl
 
@@ -28,6 +27,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+import kwollect
 from kwollect.errors import KwollectError
 from kwollect.gateway import config, openapi, webui
 from kwollect.gateway.auth import Authenticator, Identity
@@ -321,7 +321,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._retry_task: asyncio.Task | None = None
         self._faults = RateLimitedLog(log)
-        self.version = package_version("kwollect")
+        self.version = kwollect.version()
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:

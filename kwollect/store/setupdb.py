@@ -27,7 +27,6 @@ import secrets
 import sys
 import time
 from collections.abc import Sequence
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,6 +34,7 @@ from urllib.parse import quote
 import asyncpg
 import jwt
 
+import kwollect
 from kwollect.options import OptionError, positive_int, tool_options
 from kwollect.store.secretfiles import default_group, new_secret, write_secret_file
 
@@ -85,7 +85,7 @@ def sql_files() -> list[Path]:
 
 
 def schema_version() -> str:
-    return package_version("kwollect")
+    return kwollect.version()
 
 
 def role_names(user: str) -> dict[str, str]:
