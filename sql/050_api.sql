@@ -422,7 +422,8 @@ LANGUAGE sql STABLE AS $$
         LIMIT 1
     ) se
 $$;
-COMMENT ON FUNCTION api.get_metrics(integer, text, text, text, text, text, boolean, text) IS
+COMMENT ON FUNCTION api.get_metrics(integer, text, text, text, text, text, boolean,
+                                   api.as_rate_mode) IS
     'Samples of devices (or of a job''s nodes) between start_time and end_time, both '
     'inclusive, ordered by timestamp, device_id, metric_id and labels. '
     'summary=true: 5-minute summaries. as_rate=true|auto: per-second rate of counters.';

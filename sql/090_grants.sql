@@ -31,8 +31,8 @@ BEGIN
                    'kwollect.partitions, kwollect.samples_compact, kwollect.jobmetrics_requests TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA kwollect TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
-                   'api.get_metrics(integer, text, text, text, text, text, boolean, text), '
-                   'api.get_metrics(integer, text, text, text, text, boolean, boolean), '
+                   'api.get_metrics(integer, text, text, text, text, text, boolean, '
+                   'api.as_rate_mode), '
                    'api.available_metrics, api.get_job_metrics, api.unknown_ids TO %I, %I',
                    writer, reader);
 
