@@ -8,6 +8,7 @@ APT_PACKAGES=(postgresql postgresql-contrib snmpd snmp openipmi freeipmi-tools i
               prometheus-node-exporter)
 APT_PACKAGES+=(chromium chromium-driver curl)   # the web view's browser test; the guides' curl commands
 APT_PACKAGES+=(slurm-wlm munge oar-server oar-user)   # the job tests run real Slurm and OAR tools
+APT_PACKAGES+=(debhelper dh-virtualenv python3-venv)   # scripts/build-deb (the Debian package and its test)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
