@@ -89,6 +89,19 @@ HELP: dict[str, str] = {
     "mapping_file_path": "YAML file mapping wattmetre ports to the nodes they feed",
     # kwollect maintain
     "every_seconds": "run the maintenance every that many seconds (0: once, then exit)",
+    # kwollect migrate
+    "from": "the source database (a reference Kwollect 1.x) as a postgresql:// URL, without "
+            "a password",
+    "from_password_file": "file holding the source database's password (else PGPASSWORD or "
+                          "~/.pgpass)",
+    "range_minutes": "time range copied and committed at a time, in minutes (a rerun resumes "
+                     "after the last committed range)",
+    "settle_minutes": "ranges that ended less than that many minutes before the source's "
+                      "clock are left for a later run (still being written)",
+    "final": "copy the newest range too (once the collectors write to this database)",
+    "verify": "after copying, compare source and target range by range and report "
+              "differences",
+    "jobs": "ranges copied at the same time",
     # kwollect-setup-db
     "db_admin": "PostgreSQL administrator role setup connects as; run as root with a unix "
                 "socket db_host and no db_admin password, setup connects as the system user of "

@@ -11,8 +11,9 @@ import pytest
 from kwollect import cli
 from kwollect.collect import kwollector, kwollector_wattmetre
 from kwollect.dev.simulators import free_port
+from kwollect.migrate import command
 from kwollect.options import HELP
-from kwollect.store import setupdb
+from kwollect.store import maintain, setupdb
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "kwollector": kwollector.main,
@@ -20,6 +21,9 @@ TOOLS: dict[str, Callable[[list[str]], int]] = {
     "kwollect-setup-db": setupdb.main,
     "kwollect maintain": lambda argv: cli.main(["maintain", *argv]),
     "kwollect demo": lambda argv: cli.main(["demo", *argv]),
+    "kwollect migrate": lambda argv: cli.main(["migrate", *argv]),
+    "kwollect get": lambda argv: cli.main(["get", *argv]),
+    "kwollect plot": lambda argv: cli.main(["plot", *argv]),
 }
 
 
@@ -40,7 +44,8 @@ def test_every_tool_has_its_own_help_with_a_real_line_per_option(tool, capsys):
     for line in re.findall(r"^  --\w+.*(?:\n {20,}.*)*", text, re.MULTILINE):
         words = line.split(None, 2)
         assert len(words) == 3 and len(words[2].split()) >= 3, line  # option, metavar, help
-    assert re.findall(r"^  -[a-z]\b", text, re.MULTILINE) == ["  -h"], "no invented short options"
+    chosen = ["  -o"] if tool in ("kwollect get", "kwollect plot") else []  # -o FILE, as curl's
+    assert re.findall(r"^  -[a-z]\b", text, re.MULTILINE) == ["  -h", *chosen]
 
 
 def test_kwollect_without_a_command_lists_the_commands(capsys):
@@ -110,6 +115,5 @@ def test_config_file_that_is_not_a_mapping(tmp_path, capsys):
 
 def test_every_help_line_is_used_by_a_tool():
     used = set(kwollector.DEFAULTS) | set(kwollector_wattmetre.DEFAULTS) | set(
-        setupdb.DEFAULTS) | set(cli.importlib.import_module("kwollect.store.maintain")
-                                .MAINTAIN_DEFAULTS)
+        setupdb.DEFAULTS) | set(maintain.MAINTAIN_DEFAULTS) | set(command.MIGRATE_DEFAULTS)
     assert set(HELP) - used == set()

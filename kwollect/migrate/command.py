@@ -215,7 +215,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def main(argv: Sequence[str]) -> int:
-    conf = tool_options("kwollect migrate", MIGRATE_DEFAULTS, argv, check)
+    conf = tool_options("kwollect migrate", MIGRATE_DEFAULTS, argv, check, description=__doc__)
     if conf is None:
         return 2
     try:
