@@ -67,6 +67,9 @@ HELP: dict[str, str] = {
     "close_timeout_s": "at a stop, how long to wait for a reachable database to take what is "
                        "in memory before it goes to the spool, in seconds (during an outage "
                        "the stop takes under 2 s)",
+    "db_batch_timeout_s": "longest delivery of one batch to the database, in seconds; past "
+                          "it (a link that hangs) the batch goes to the spool and the writer "
+                          "reconnects",
     "db_schema": "'kwollect' (this schema) or 'reference' (plain COPY into a reference "
                  "Kwollect database's metrics table, for migrations)",
     # kwollector

@@ -15,8 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
-from kwollect.dev.simulators import free_port
-from tests.fixtures.kwdb import WRITER_PASSWORD
 from tests.fixtures.snmp import BULK
 
 OIDS = sorted(BULK)

@@ -35,6 +35,7 @@ import asyncpg
 import jwt
 
 import kwollect
+from kwollect.errors import KwollectError
 from kwollect.options import OptionError, positive_int, tool_options
 from kwollect.store.secretfiles import default_group, new_secret, write_secret_file
 
@@ -263,7 +264,7 @@ def password_matches(verifier: str | None, password: str, role: str) -> bool:
     return hmac.compare_digest(hashlib.sha256(client_key).digest(), base64.b64decode(match[3]))
 
 
-async def _password_kept_elsewhere(conn: asyncpg.Connection, connect: dict[str, Any],
+async def _password_kept_elsewhere(conn: asyncpg.Connection, conf: dict[str, Any],
                                    role: str, verifier: str) -> str | None:
     """The gateway login's password as another kwollect database of the cluster keeps it.
 
@@ -274,8 +275,8 @@ async def _password_kept_elsewhere(conn: asyncpg.Connection, connect: dict[str, 
     for (name,) in await conn.fetch("SELECT datname FROM pg_database "
                                     "WHERE datallowconn AND NOT datistemplate"):
         try:
-            other = await asyncpg.connect(database=name, **connect)
-        except (OSError, asyncpg.PostgresError):
+            other = await connect_admin(conf, name)
+        except (OSError, asyncpg.PostgresError, SetupError):
             continue
         try:
             if await other.fetchval(
@@ -290,7 +291,7 @@ async def _password_kept_elsewhere(conn: asyncpg.Connection, connect: dict[str, 
 
 
 async def api_login_password(conn: asyncpg.Connection, roles: dict[str, str],
-                             connect: dict[str, Any]) -> str:
+                             conf: dict[str, Any]) -> str:
     """The gateway login's password: random, kept next to the JWT secret, set on the role.
 
     Kept so that re-running setup does not lock out a gateway started with the last
@@ -306,7 +307,7 @@ async def api_login_password(conn: asyncpg.Connection, roles: dict[str, str],
         verifier = None
     if kept and password_matches(verifier, kept, role):
         return kept
-    password = await _password_kept_elsewhere(conn, connect, role, verifier) \
+    password = await _password_kept_elsewhere(conn, conf, role, verifier) \
         if verifier else None
     if password is None:
         password = kept or secrets.token_urlsafe(32)
@@ -372,22 +373,8 @@ async def connect_admin(conf: dict[str, Any], database: str) -> asyncpg.Connecti
                          f"or give db_admin_password_file)") from None
 
 
-class SetupError(RuntimeError):
+class SetupError(KwollectError, RuntimeError):
     """A failure of the database part, with what to do."""
-
-
-def _scram_matches(verifier: str, password: str) -> bool:
-    """Whether a SCRAM-SHA-256 verifier (pg_authid.rolpassword) is that of `password`."""
-    try:
-        _, rest = verifier.split("$", 1)
-        iterations, salt = rest.split("$", 1)[0].split(":")
-        stored_key = base64.b64decode(rest.split("$", 1)[1].split(":")[0])
-        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt),
-                                     int(iterations))
-        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-        return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)
-    except (ValueError, IndexError):
-        return False
 
 
 LEGACY_READER_PASSWORD = "ro"
@@ -403,12 +390,7 @@ async def reader_needs_password(conn: asyncpg.Connection, role: str) -> bool:
                                      role)
     except asyncpg.InsufficientPrivilegeError:  # not a superuser: cannot tell, keep it
         return False
-    if stored is None:
-        return True
-    if stored.startswith("SCRAM-SHA-256$"):
-        return _scram_matches(stored, LEGACY_READER_PASSWORD)
-    legacy = "md5" + hashlib.md5((LEGACY_READER_PASSWORD + role).encode()).hexdigest()  # noqa: S324
-    return stored == legacy
+    return stored is None or password_matches(stored, LEGACY_READER_PASSWORD, role)
 
 
 async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[str, str]:
@@ -447,7 +429,7 @@ async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[st
             count = await load_jobmetrics_requests(conn, conf["jobmetrics_requests_path"])
             log.info("loaded %d job metrics requests", count)
         secret = await api_secret(conn, roles["owner_role"])
-        api_password = await api_login_password(conn, roles, connect)
+        api_password = await api_login_password(conn, roles, conf)
     finally:
         await conn.close()
     token = make_token(secret, roles["writer_role"], int(conf["token_expiry_days"]))
