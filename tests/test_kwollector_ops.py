@@ -37,6 +37,18 @@ async def wait_for_log(k: Kwollector, text: str, timeout: float = 30) -> None:
         await asyncio.sleep(0.2)
 
 
+async def stop_during_an_outage(k: Kwollector, **options: object) -> None:
+    """Start `k` with its database away (a port nothing listens on), stop it a few seconds
+    into that outage, and check the stop is fast."""
+    set_options(k, db_port=free_port(), close_timeout_s=30, **options)
+    k.start()
+    await wait_for_log(k, "database unavailable")
+    await asyncio.sleep(3)
+    code, took = timed_stop(k)
+    assert code == 0, k.log()
+    assert took < 4, f"stop took {took:.1f} s during an outage:\n{k.log()}"
+
+
 async def test_sigterm_during_an_outage_spools_and_exits_at_once(collector, snmp_agent, kwdb):
     """10 s into an outage a stop used to wait the whole 20 s close timeout.  Now what is
     in memory goes to the spool at once, and a later run delivers all of it."""
@@ -44,13 +56,7 @@ async def test_sigterm_during_an_outage_spools_and_exits_at_once(collector, snmp
     write_descriptions(k.metrics_dir, "pdu.yaml", [
         {"name": f"o{i}", "device_id": "ops1-pdu", "url": snmp_agent.url(oid)}
         for i, oid in enumerate(OIDS[:3])])
-    set_options(k, db_port=free_port(), close_timeout_s=30)  # the database is away
-    k.start()
-    await wait_for_log(k, "database unavailable")
-    await asyncio.sleep(3)
-    code, took = timed_stop(k)
-    assert code == 0, k.log()
-    assert took < 4, f"stop took {took:.1f} s during an outage:\n{k.log()}"
+    await stop_during_an_outage(k)
     assert "dropped=0" in k.log()
     assert os.listdir(k.base / "spool")
     set_options(k, db_port=kwdb.cluster.port)  # the database is back
@@ -66,13 +72,7 @@ async def test_without_a_spool_the_stop_is_fast_and_the_loss_said(collector, snm
     k = collector("ops2")
     write_descriptions(k.metrics_dir, "pdu.yaml", [
         {"name": "o0", "device_id": "ops2-pdu", "url": snmp_agent.url(OIDS[0])}])
-    set_options(k, db_port=free_port(), close_timeout_s=30, spool_dir="none")
-    k.start()
-    await wait_for_log(k, "database unavailable")
-    await asyncio.sleep(2)
-    code, took = timed_stop(k)
-    assert code == 0, k.log()
-    assert took < 4, f"stop took {took:.1f} s during an outage:\n{k.log()}"
+    await stop_during_an_outage(k, spool_dir="none")
     log = k.log()
     assert "no spool (spool_dir: none)" in log  # said at start
     dropped = int(re.search(r"stopped: collected=\d+ .*dropped=(\d+)", log).group(1))
