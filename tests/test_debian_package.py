@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -74,6 +75,12 @@ def unit(name: str) -> dict[str, str]:
     return settings
 
 
+def user_environment(user: str) -> dict[str, str]:
+    """What systemd sets for User=: HOME, USER, LOGNAME."""
+    entry = pwd.getpwnam(user)
+    return {"HOME": entry.pw_dir, "USER": user, "LOGNAME": user}
+
+
 class Services:
     """`systemctl enable --now` without systemd: each unit's ExecStart, as its user."""
 
@@ -95,6 +102,7 @@ class Services:
         env = {**os.environ}
         env.pop("STATE_DIRECTORY", None)
         user = "nobody" if settings.get("DynamicUser") == "yes" else settings["User"]
+        env.update(user_environment(user))
         if "StateDirectory" in settings:
             state = Path("/var/lib") / settings["StateDirectory"].replace("%i", instance)
             state.mkdir(parents=True, exist_ok=True)
@@ -123,7 +131,8 @@ class Services:
         result = subprocess.run(["setpriv", f"--reuid={settings['User']}",
                                  f"--regid={settings['Group']}", "--init-groups", "--",
                                  *shlex.split(settings["ExecStart"])],
-                                capture_output=True, text=True, cwd="/")
+                                capture_output=True, text=True, cwd="/",
+                                env={**os.environ, **user_environment(settings["User"])})
         assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
 
     def stop(self, name: str) -> tuple[int, float]:
