@@ -86,12 +86,23 @@ HELP: dict[str, str] = {
                             "(0: not stored)",
     "prometheus_host": "address of the health endpoint (/metrics, Prometheus format)",
     "prometheus_port": "port of the health endpoint (0: no endpoint)",
+    "shard": "i/n: poll the i-th of n parts of metrics_dir's targets (several kwollectors "
+             "sharing one metrics.d); empty: all of them",
     # kwollector-wattmetre
     "wattmetre_id": "device_id of the wattmetre (its ports are <wattmetre_id>-port<N>)",
     "wattmetre_version": "wattmetre-read line format: 2 or 3",
     "mapping_file_path": "YAML file mapping wattmetre ports to the nodes they feed",
     # kwollect maintain
     "every_seconds": "run the maintenance every that many seconds (0: once, then exit)",
+    # kwollect-setup-db-oar
+    "oardb_host": "OAR's database server (host name, or a directory holding its socket)",
+    "oardb_port": "OAR's database server port",
+    "oardb_name": "OAR's database name",
+    "oardb_user": "OAR's read-only database account",
+    "oardb_password": "password of oardb_user (prefer oardb_password_file)",
+    "oardb_password_file": "file holding oardb_user's password",
+    "oardb_connect_timeout_s": "longest wait to connect to OAR's database, in seconds",
+    "oardb_statement_timeout_s": "longest query on OAR's database, in seconds",
     # kwollect migrate
     "from": "the source database (a reference Kwollect 1.x) as a postgresql:// URL, without "
             "a password",

@@ -13,12 +13,13 @@ from kwollect.collect import kwollector, kwollector_wattmetre
 from kwollect.dev.simulators import free_port
 from kwollect.migrate import command
 from kwollect.options import HELP
-from kwollect.store import maintain, setupdb
+from kwollect.store import maintain, setupdb, setupdb_oar
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "kwollector": kwollector.main,
     "kwollector-wattmetre": kwollector_wattmetre.main,
     "kwollect-setup-db": setupdb.main,
+    "kwollect-setup-db-oar": setupdb_oar.main,
     "kwollect maintain": lambda argv: cli.main(["maintain", *argv]),
     "kwollect demo": lambda argv: cli.main(["demo", *argv]),
     "kwollect migrate": lambda argv: cli.main(["migrate", *argv]),
@@ -114,6 +115,6 @@ def test_config_file_that_is_not_a_mapping(tmp_path, capsys):
 
 
 def test_every_help_line_is_used_by_a_tool():
-    used = set(kwollector.DEFAULTS) | set(kwollector_wattmetre.DEFAULTS) | set(
-        setupdb.DEFAULTS) | set(maintain.MAINTAIN_DEFAULTS) | set(command.MIGRATE_DEFAULTS)
+    used = set().union(kwollector.DEFAULTS, kwollector_wattmetre.DEFAULTS, setupdb.DEFAULTS,
+                       maintain.MAINTAIN_DEFAULTS, command.MIGRATE_DEFAULTS, setupdb_oar.DEFAULTS)
     assert set(HELP) - used == set()

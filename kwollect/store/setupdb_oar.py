@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from kwollect.options import OptionError, positive_int, tool_options
-from kwollect.store.setupdb import role_names
+from kwollect.store.setupdb import SetupError, connect_admin, role_names
 
 log = logging.getLogger("kwollect.store.setupdb_oar")
 
@@ -118,10 +118,7 @@ async def setup_oar(conf: dict[str, Any]) -> dict[str, Any]:
     if not conf["oardb_password"]:
         raise OptionError("oardb_password (or oardb_password_file) is mandatory: the OAR "
                           "read-only account's password")
-    conn = await asyncpg.connect(host=conf["db_host"], port=conf["db_port"],
-                                 user=conf["db_admin"],
-                                 password=conf["db_admin_password"] or None,
-                                 database=conf["kwollect_db_name"])
+    conn = await connect_admin(conf, conf["kwollect_db_name"])  # as root: as postgres
     try:
         await link(conn, conf)
         summary = json.loads(await conn.fetchval("SELECT kwollect.sync_jobs()::text"))
@@ -131,12 +128,12 @@ async def setup_oar(conf: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    conf = tool_options("kwollect-setup-db-oar", DEFAULTS, argv)
+    conf = tool_options("kwollect-setup-db-oar", DEFAULTS, argv, description=__doc__)
     if conf is None:
         return 2
     try:
         summary = asyncio.run(setup_oar(conf))
-    except (OptionError, OSError, asyncpg.PostgresError) as exc:
+    except (OptionError, OSError, asyncpg.PostgresError, SetupError) as exc:
         print(f"kwollect-setup-db-oar: {exc}", file=sys.stderr)
         return 1
     if "error" in summary:
