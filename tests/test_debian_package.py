@@ -16,6 +16,7 @@ configuration files as an operator of such a cluster would) and the API listens 
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
 import pwd
@@ -75,6 +76,10 @@ def unit(name: str) -> dict[str, str]:
     return settings
 
 
+def primary_group(user: str) -> str:
+    return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+
+
 def user_environment(user: str) -> dict[str, str]:
     """What systemd sets for User=: HOME, USER, LOGNAME."""
     entry = pwd.getpwnam(user)
@@ -106,7 +111,7 @@ class Services:
         if "StateDirectory" in settings:
             state = Path("/var/lib") / settings["StateDirectory"].replace("%i", instance)
             state.mkdir(parents=True, exist_ok=True)
-            shutil.chown(state, user, user)
+            shutil.chown(state, user, primary_group(user))
             state.chmod(0o750)
             env["STATE_DIRECTORY"] = str(state)
         if "LoadCredential" in settings:
@@ -123,7 +128,8 @@ class Services:
             "${CREDENTIALS_DIRECTORY}", env.get("CREDENTIALS_DIRECTORY", ""))
         with (self.logs / f"{name}.log").open("a") as log:
             self.running[name] = subprocess.Popen(
-                ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--",
+                ["setpriv", f"--reuid={user}", f"--regid={primary_group(user)}",
+                 "--init-groups", "--",
                  *shlex.split(command)], env=env, stdout=log, stderr=log, cwd="/")
 
     def run_once(self, name: str) -> None:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
+from tests.fixtures.kwollector import Kwollector  # noqa: F401 (other tests import it here)
 from tests.fixtures.snmp import BULK
 
 OIDS = sorted(BULK)
