@@ -11,6 +11,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.sharding import Shard, ShardError, bucket_of, jump_hash, shard_key
@@ -107,7 +108,8 @@ def prometheus_targets(k: Kwollector) -> set[str]:
                                       timeout=5).read().decode()
     except OSError:
         return set()
-    return set(re.findall(r'kwollector_polls_total\{target="([^"]+)"\} [1-9]', text))
+    return {s.labels["target"] for family in text_string_to_metric_families(text)
+            if family.name == "kwollector_polls" for s in family.samples if s.value > 0}
 
 
 async def test_two_kwollectors_share_one_metrics_dir(tmp_path, kwdb, writer, node_exporter,
