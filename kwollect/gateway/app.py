@@ -59,12 +59,38 @@ SPOOL_MEMORY = 1024 * 1024
 SPOOL_CHUNK = 256 * 1024
 RETRY_CATALOG_S = 2.0
 HEALTH_TIMEOUT_S = 2.0
+REPLICA_RETRY_S = 5.0
+"""After the read replica failed a call, read-only calls go straight to the primary for
+this long (with db-read-fallback) rather than each waiting for the replica to fail."""
 SESSION = {"application_name": "kwollect-api", "TimeZone": "UTC", "DateStyle": "ISO, YMD"}
 OPENAPI_MEDIA = "application/openapi+json"
 FORM_MEDIA = "application/x-www-form-urlencoded"
 # Called without a token from a job's node: run as the node role, for the node the
 # caller's address names (kwollect.caller_node), whatever Authorization says.
 NODE_FUNCTIONS = frozenset({"insert_user_metrics"})
+
+
+class ReplicaFailed(KwollectError):
+    """The read replica failed a call before anything was sent: it may run on the primary."""
+
+
+# Errors that say the server, not the call, failed: connection exceptions (class 08),
+# shutdown or crash of the server (57P01-57P03), and a standby's conflict with recovery
+# (40001 canceled on conflict is retried by the caller, not here).
+_SERVER_GONE = ("08", "57P01", "57P02", "57P03")
+
+
+def server_gone(exc: BaseException) -> bool:
+    """The database server went away (rather than refusing this call)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "").startswith(_SERVER_GONE)
+    return isinstance(exc, (OSError, asyncpg.InterfaceError, TimeoutError))
+
+
+def lsn_bytes(text: str) -> int:
+    """A pg_lsn's text form (``16/B374D848``) as a byte position."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
 
 
 class StreamBroken(KwollectError):
@@ -284,10 +310,9 @@ def _copy_rows(status: str | None) -> int | None:
     return int(parts[1]) if len(parts) == 2 and parts[1].isdigit() else None
 
 
-def _pool_kwargs(settings: config.Settings) -> dict[str, Any]:
-    """asyncpg arguments from db-uri: a URI, or libpq's key=value form."""
+def _pool_kwargs(settings: config.Settings, uri: str) -> dict[str, Any]:
+    """asyncpg arguments from db-uri (or db-read-uri): a URI, or libpq's key=value form."""
     kwargs: dict[str, Any] = {}
-    uri = settings.db_uri
     if "://" in uri:
         kwargs["dsn"] = uri
     else:
@@ -310,6 +335,9 @@ class Gateway:
         self.auth = Authenticator(settings.jwt_secret, settings.anon_role, settings.jwt_aud,
                                   settings.role_claim_path)
         self.pool: asyncpg.Pool | None = None
+        self.read_pool: asyncpg.Pool | None = None
+        """The hot standby's connections (db-read-uri), for read-only calls."""
+        self._replica_retry_at = 0.0
         self.catalog: Catalog | None = None
         self.callers = NodeResolver(settings.node_map, settings.node_reverse_dns,
                                     settings.trusted_proxies)
@@ -327,15 +355,22 @@ class Gateway:
     async def start(self) -> None:
         self.pool = await asyncpg.create_pool(
             min_size=0, max_size=self.settings.pool_size, server_settings=SESSION,
-            max_inactive_connection_lifetime=300, **_pool_kwargs(self.settings))
+            max_inactive_connection_lifetime=300,
+            **_pool_kwargs(self.settings, self.settings.db_uri))
+        if self.settings.db_read_uri:
+            self.read_pool = await asyncpg.create_pool(
+                min_size=0, max_size=self.settings.pool_size, server_settings=SESSION,
+                max_inactive_connection_lifetime=300,
+                **_pool_kwargs(self.settings, self.settings.db_read_uri))
         if not await self.reload():
             self._retry_task = asyncio.create_task(self._retry_catalog())
 
     async def stop(self) -> None:
         if self._retry_task:
             self._retry_task.cancel()
-        if self.pool is not None:
-            await self.pool.close()
+        for pool in (self.pool, self.read_pool):
+            if pool is not None:
+                await pool.close()
 
     async def _retry_catalog(self) -> None:
         while not await self.reload():
@@ -437,14 +472,18 @@ class Gateway:
 
     # -- handlers ------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        """200 when the database answers a query, else 503."""
+        """200 when the database answers a query, else 503; with a read replica, its state
+        and lag (503 only when it is down and db-read-fallback is off)."""
         assert self.pool is not None
         report: dict[str, Any] = {"status": "ok", "database": "ok",
                                   "functions": len(self.catalog or ())}
+        primary_lsn: str | None = None
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
                 async with self.pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
+                    primary_lsn = await conn.fetchval(
+                        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL "
+                        "ELSE pg_current_wal_lsn()::text END")
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # the details (addresses) go to the log, not to anonymous clients
             report.update(status="unavailable", database=type(exc).__name__)
@@ -452,10 +491,39 @@ class Gateway:
                                  exc or type(exc).__name__)
         else:
             self._faults.forget("health")
+        if self.read_pool is not None:
+            await self._replica_health(report, primary_lsn)
         if self.catalog is None and report["status"] == "ok":
             report["status"] = "unavailable"
         return web.json_response(report, status=200 if report["status"] == "ok" else 503,
                                  dumps=lambda v: orjson.dumps(v).decode())
+
+    async def _replica_health(self, report: dict[str, Any], primary_lsn: str | None) -> None:
+        """replica: ok, not in recovery (a promoted standby still serves reads) or the
+        error's class; replica_lag_bytes: WAL the primary wrote that the standby has not
+        replayed; replica_lag_s: age of its last replayed transaction while it lags (0 when
+        it has replayed everything: an idle primary is no lag)."""
+        assert self.read_pool is not None
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                async with self.read_pool.acquire() as conn:
+                    row = await conn.fetchrow(
+                        "SELECT pg_is_in_recovery() AS standby, "
+                        "pg_last_wal_replay_lsn()::text AS replayed, extract(epoch FROM "
+                        "clock_timestamp() - pg_last_xact_replay_timestamp())::float8 AS age")
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            report["replica"] = type(exc).__name__
+            self._faults.warning("replica health", "health check: the read replica does "
+                                 "not answer: %s", exc or type(exc).__name__)
+            if not self.settings.read_fallback:
+                report["status"] = "unavailable"
+            return
+        self._faults.forget("replica health")
+        report["replica"] = "ok" if row["standby"] else "not in recovery"
+        if row["standby"] and row["replayed"] and primary_lsn:
+            lag = max(0, lsn_bytes(primary_lsn) - lsn_bytes(row["replayed"]))
+            report["replica_lag_bytes"] = lag
+            report["replica_lag_s"] = round(row["age"] or 0.0, 3) if lag else 0.0
 
     async def root(self, request: web.Request) -> web.Response:
         """The OpenAPI description, limited to what the caller's role may execute."""
@@ -667,16 +735,28 @@ class Gateway:
         setup = "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)"
                                       for i in range(len(pairs)))
         flat = [item for pair in pairs for item in pair]
+        replica = (readonly and self.read_pool is not None
+                   and time.monotonic() >= self._replica_retry_at)
         try:
-            return await self._run(request, identity, call, fmt, readonly, stream, setup, flat)
+            try:
+                return await self._run(request, identity, call, fmt, readonly, stream, setup,
+                                       flat, replica)
+            except ReplicaFailed as failed:
+                self._faults.warning("replica", "the read replica failed (%s): read-only calls "
+                                     "go to the primary", failed)
+                stream.close()
+                stream = ResultStream(request, fmt, framing, self.settings.hold_bytes,
+                                      self.settings.send_timeout, self.settings.spool_bytes)
+                return await self._run(request, identity, call, fmt, readonly, stream, setup,
+                                       flat, False)
         finally:
             stream.close()
 
     async def _run(self, request: web.Request, identity: Identity, call: Call, fmt: Format,
                    readonly: bool, stream: ResultStream, setup: str,
-                   flat: list[str]) -> web.StreamResponse:
+                   flat: list[str], replica: bool = False) -> web.StreamResponse:
         function = call.function
-        async with self._connection() as conn:
+        async with self._connection(replica) as conn:
             sink = _guarded_sink(conn, stream)
             stream.on_stall = conn.terminate
             try:
@@ -699,6 +779,8 @@ class Gateway:
                     raise ClientGone(stream.response) from None
                 if stream.failure is not None:
                     raise stream.failure from None
+                if replica and not stream.started and server_gone(exc):
+                    raise self._replica_down(exc) from exc
                 if stream.started:
                     log.error("%s failed after %d rows were sent: %s", _where(request),
                               stream.rows, excerpt(exc, 500))
@@ -740,16 +822,34 @@ class Gateway:
         request["rows"] = stream.rows
         request["bytes"] = stream.sent
 
+    def _replica_down(self, exc: BaseException) -> Exception:
+        """ReplicaFailed (the call then runs on the primary) or, without db-read-fallback,
+        a 503 that says the replica is down."""
+        if self.settings.read_fallback:
+            self._replica_retry_at = time.monotonic() + REPLICA_RETRY_S
+            return ReplicaFailed(f"{type(exc).__name__}: {excerpt(exc, 200)}")
+        self._faults.error("replica", "the read replica cannot be reached: %s",
+                           excerpt(exc, 500))
+        return ApiError(503, "PGRST001", "The read replica cannot be reached; read-only "
+                        "calls fail until it is back (db-read-fallback = false).",
+                        details=type(exc).__name__)
+
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; 504 when none frees up in time, 503 when the database is down."""
-        assert self.pool is not None
+    async def _connection(self, replica: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (of the read replica's pool with `replica`); 504 when none
+        frees up in time, 503 when the database is down."""
+        pool = self.read_pool if replica else self.pool
+        assert pool is not None
         try:
-            conn = await self.pool.acquire(timeout=self.settings.pool_timeout)
-        except TimeoutError:
+            conn = await pool.acquire(timeout=self.settings.pool_timeout)
+        except TimeoutError as exc:
+            if replica:
+                raise self._replica_down(exc) from exc
             raise ApiError(504, "PGRST003", "Timed out acquiring connection from connection "
                            "pool.") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if replica:
+                raise self._replica_down(exc) from exc
             self._faults.error("unavailable", "the database cannot be reached: %s",
                                excerpt(exc, 500))
             raise unavailable(exc) from exc
@@ -759,7 +859,7 @@ class Gateway:
             conn.terminate()  # a cancelled COPY can leave asyncpg's connection stuck
             raise
         finally:
-            await self.pool.release(conn)
+            await pool.release(conn)
 
     def _schema(self, request: web.Request, header: str) -> str:
         wanted = request.headers.get(header)

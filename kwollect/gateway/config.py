@@ -38,8 +38,12 @@ OWN_KEYS = {
     "kwollect-node-map-file", "kwollect-node-reverse-dns", "kwollect-trusted-proxies",
     "kwollect-node-role",
 }
+REPLICA_KEYS = {"db-read-uri", "db-read-fallback"}
+"""Read replicas (docs/gateway.md): PostgREST's naming, though PostgREST has no such keys."""
 DEFAULTS: dict[str, Any] = {
     "db-uri": "postgresql://",
+    "db-read-uri": "",
+    "db-read-fallback": True,
     "db-schemas": "public",
     "db-anon-role": "",
     "db-extra-search-path": "public",
@@ -110,6 +114,10 @@ class Settings:
     node_reverse_dns: bool = False
     trusted_proxies: tuple[IpNetwork, ...] = ()
     node_role: str | None = None
+    db_read_uri: str | None = None
+    """A hot standby for read-only calls; None: everything on db_uri."""
+    read_fallback: bool = True
+    """Read-only calls go to the primary while the standby cannot be reached (else 503)."""
 
 
 def parse_role_claim_key(text: str) -> tuple[str | int, ...]:
@@ -169,7 +177,7 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    known = POSTGREST_KEYS | OWN_KEYS
+    known = POSTGREST_KEYS | OWN_KEYS | REPLICA_KEYS
     found: dict[str, Any] = {}
     for name, value in env.items():
         if name.startswith("PGRST_"):
@@ -209,7 +217,7 @@ def _bad_port(text: str) -> bool:
     return not all(part.isdigit() and 0 < int(part) <= 65535 for part in text.split(","))
 
 
-def check_db_ports(uri: str) -> None:
+def check_db_ports(uri: str, key: str = "db-uri") -> None:
     """A one-line error for a db-uri whose port is not 1-65535 (asyncpg raised ValueError
     with a traceback).  The URI itself is never repeated: it may hold a password."""
     ports: list[str] = []
@@ -226,14 +234,14 @@ def check_db_ports(uri: str) -> None:
                   if item.startswith("port=")]
     for port in ports:
         if port and _bad_port(port):
-            raise OptionError(f"db-uri: invalid port {port[:20]!r} (expected 1-65535)")
+            raise OptionError(f"{key}: invalid port {port[:20]!r} (expected 1-65535)")
 
 
 def build_settings(conf: Mapping[str, Any]) -> Settings:
     """Validate merged raw values (file, environment, command line) into Settings."""
     env = os.environ
     values = {key: _interpolate(value, env) for key, value in conf.items()}
-    unknown = sorted(k for k in values if k not in POSTGREST_KEYS | OWN_KEYS
+    unknown = sorted(k for k in values if k not in POSTGREST_KEYS | OWN_KEYS | REPLICA_KEYS
                      and not k.startswith("app.settings."))
     if unknown:
         log.warning("ignoring configuration keys kwollect-api does not use: %s",
@@ -242,6 +250,10 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
     if db_uri.startswith("@"):
         db_uri = _read_secret(db_uri[1:], "db-uri")
     check_db_ports(db_uri)
+    read_uri = str(values["db-read-uri"])
+    if read_uri.startswith("@"):
+        read_uri = _read_secret(read_uri[1:], "db-read-uri")
+    check_db_ports(read_uri, "db-read-uri")
     password = None
     if values["kwollect-db-password-file"]:
         password = _read_secret(str(values["kwollect-db-password-file"]),
@@ -307,6 +319,8 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
         node_reverse_dns=_as_bool(values["kwollect-node-reverse-dns"]),
         trusted_proxies=parse_networks(str(values["kwollect-trusted-proxies"])),
         node_role=str(values["kwollect-node-role"]) or None,
+        db_read_uri=read_uri or None,
+        read_fallback=_as_bool(values["db-read-fallback"]),
     )
 
 
