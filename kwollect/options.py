@@ -88,6 +88,11 @@ HELP: dict[str, str] = {
     "prometheus_port": "port of the health endpoint (0: no endpoint)",
     "shard": "i/n: poll the i-th of n parts of metrics_dir's targets (several kwollectors "
              "sharing one metrics.d); empty: all of them",
+    "failover_groups": "G > 0: lease metrics_dir's targets, hashed into G groups, through the "
+                       "database, so that the other kwollectors take a dead one's groups "
+                       "over (excludes shard); 0: off",
+    "lease_ttl_s": "with failover_groups, how long a lease lasts unrenewed, in seconds (a "
+                   "dead kwollector's targets are taken over within about 4/3 of it)",
     # kwollector-wattmetre
     "wattmetre_id": "device_id of the wattmetre (its ports are <wattmetre_id>-port<N>)",
     "wattmetre_version": "wattmetre-read line format: 2 or 3",

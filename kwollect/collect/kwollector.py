@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,11 +24,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from kwollect.collect.leases import LeaseKeeper
 from kwollect.collect.metricsd import ConfigError, EntryKey, LoadResult, load_metrics_dir
 from kwollect.collect.promotion import PromotionReader, Promotions
 from kwollect.collect.scheduler import Scheduler, schedule_entries
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
-from kwollect.collect.sharding import Shard, shard_key
+from kwollect.collect.sharding import Shard, ShardError, group_of, shard_key
 from kwollect.model import MetricDescription, now_us
 from kwollect.options import tool_options
 from kwollect.protocols.url import target_name
@@ -46,12 +48,27 @@ DEFAULTS: dict[str, Any] = {
     "target_concurrency": 1,
     "promotion_refresh_s": 1.0,
     "shard": "",
+    "failover_groups": 0,
+    "lease_ttl_s": 15.0,
     **WRITER_DEFAULTS,
     "self_device_id": "",
     "self_metrics_every_s": 10.0,
     "prometheus_host": "127.0.0.1",
     "prometheus_port": 0,
 }
+
+
+def check_options(conf: dict[str, Any]) -> None:
+    shard = Shard.parse(conf["shard"])
+    groups = conf["failover_groups"]
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 0 <= groups <= 100_000:
+        raise ShardError(f"failover_groups must be an integer from 0 (off) to 100000, "
+                         f"got {groups!r}")
+    if groups and not shard.whole:
+        raise ShardError("shard and failover_groups exclude each other: with failover, "
+                         "the leases decide which kwollector polls which targets")
+    if groups and not 3 <= float(conf["lease_ttl_s"]) <= 3600:
+        raise ShardError(f"lease_ttl_s must be between 3 and 3600, got {conf['lease_ttl_s']!r}")
 
 
 def report(result: LoadResult) -> None:
@@ -103,6 +120,12 @@ class Kwollector:
         suffix = "" if self.shard.whole else f"-{self.shard.index}of{self.shard.count}"
         self.device_id = (conf["self_device_id"]
                           or f"kwollector-{socket.gethostname()}{suffix}")
+        self.descriptions: list[MetricDescription] = []
+        self.leases: LeaseKeeper | None = None
+        if int(conf["failover_groups"]):
+            self.leases = LeaseKeeper(
+                connect_kwargs(conf), f"{self.device_id}:{os.getpid()}",
+                int(conf["failover_groups"]), float(conf["lease_ttl_s"]), self.leases_changed)
         self._stop = asyncio.Event()
         self._in_use: dict[EntryKey, MetricDescription] = {}
 
@@ -113,11 +136,24 @@ class Kwollector:
         for message in result.kept:
             log.warning("%s", message)
         self._in_use = result.by_entry
-        descriptions = self.shard.select(result.descriptions)
+        self.descriptions = result.descriptions
+        descriptions = self.polled()
         started, kept, stopped = self.scheduler.apply(descriptions)
         where = "" if self.shard.whole else f" (shard {self.shard}: {len(descriptions)} polled)"
         log.warning("%d metrics loaded%s: %d polling groups started, %d kept, %d stopped",
                     len(result.descriptions), where, started, kept, stopped)
+
+    def polled(self) -> list[MetricDescription]:
+        """The descriptions of this shard, or of the groups this kwollector leases."""
+        if self.leases is None:
+            return self.shard.select(self.descriptions)
+        held, groups = self.leases.held, self.leases.groups
+        return [d for d in self.descriptions if group_of(shard_key(d), groups) in held]
+
+    def leases_changed(self, _held: frozenset[int]) -> None:
+        started, kept, stopped = self.scheduler.apply(self.polled())
+        log.warning("leased groups changed: %d polling groups started, %d kept, %d stopped",
+                    started, kept, stopped)
 
     async def self_metrics(self) -> None:
         while True:
@@ -161,6 +197,8 @@ class Kwollector:
             loop.add_signal_handler(sig, self._stop.set)
         background = [asyncio.create_task(self.promotion_reader.run()),
                       asyncio.create_task(self.self_metrics())]
+        if self.leases is not None:
+            background.append(asyncio.create_task(self.leases.run()))
         runner = await self.serve_prometheus() if int(self.conf["prometheus_port"]) else None
         try:
             await self._stop.wait()
@@ -195,8 +233,8 @@ def tune_gc() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    conf = tool_options("kwollector", DEFAULTS, argv,
-                        check=lambda c: Shard.parse(c["shard"]), description=__doc__)
+    conf = tool_options("kwollector", DEFAULTS, argv, check=check_options,
+                        description=__doc__)
     if conf is None:
         return 2
     if conf["check"]:

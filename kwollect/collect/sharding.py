@@ -55,9 +55,14 @@ def shard_key(desc: MetricDescription) -> str:
     return target_name(desc.url)
 
 
+def group_of(target: str, count: int) -> int:
+    """The 0-based group, of `count`, of a target (shards and leased failover groups)."""
+    return jump_hash(key_hash(target), count)
+
+
 def bucket_of(target: str, count: int) -> int:
     """The 1-based shard of `count` that polls `target`."""
-    return jump_hash(key_hash(target), count) + 1
+    return group_of(target, count) + 1
 
 
 @dataclass(frozen=True)
