@@ -13,8 +13,9 @@ import pytest
 
 from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.sharding import group_of
-from tests.fixtures.snmp import BULK, start_snmpd, stop_snmpd
-from tests.test_kwollector import Kwollector, write_descriptions
+from tests.fixtures.snmp import start_snmpd, stop_snmpd
+from tests.test_kwollector import Kwollector
+from tests.test_sharding import shared_kwollector, shared_metrics_dir
 
 GROUPS = 6
 TTL_S = 3.0
@@ -63,19 +64,11 @@ async def test_kill_one_of_three_kwollectors(tmp_path, kwdb, writer, admin, snmp
             process, agent = start_snmpd(tmp_path / f"snmpd{n}")
             processes.append(process)
             agents.append(agent)
-        shared = tmp_path / "metrics.d"
-        shared.mkdir()
-        oid = sorted(BULK)[0]
+        shared = shared_metrics_dir(tmp_path, agents, "fo", PERIOD_MS)
         device_of = {f"snmp://{a.host}:{a.port}": f"fo-pdu-{n}" for n, a in enumerate(agents)}
-        write_descriptions(shared, "pdus.yaml", [
-            {"name": "outlet", "device_id": f"fo-pdu-{n}", "url": agent.url(oid),
-             "update_every": PERIOD_MS} for n, agent in enumerate(agents)])
         for i in (1, 2, 3):
-            (tmp_path / f"k{i}").mkdir()
-            k = Kwollector(tmp_path / f"k{i}", kwdb, f"fo{i}")
-            k.config.write_text(k.config.read_text().replace(
-                f"metrics_dir: {k.metrics_dir}", f"metrics_dir: {shared}")
-                + f"failover_groups: {GROUPS}\nlease_ttl_s: {TTL_S}\n")
+            k = shared_kwollector(tmp_path, kwdb, shared, i, f"fo{i}",
+                                  f"failover_groups: {GROUPS}\nlease_ttl_s: {TTL_S}\n")
             kwollectors.append(k)
             k.start()
         # wait for three members sharing the groups two by two, all targets polled

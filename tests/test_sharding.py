@@ -9,6 +9,7 @@ import re
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -100,6 +101,27 @@ def test_check_shows_the_targets_of_this_shard(tmp_path, capsys):
     assert sorted(seen) == sorted(f"snmp://pdu-{i}.example.org" for i in range(6))
 
 
+def shared_metrics_dir(tmp_path: Path, agents: list, prefix: str, period_ms: int = 500) -> Path:
+    """One metrics.d for every kwollector of a test: one outlet per snmpd agent."""
+    shared = tmp_path / "metrics.d"
+    shared.mkdir()
+    oid = sorted(BULK)[0]
+    write_descriptions(shared, "pdus.yaml", [
+        {"name": "outlet", "device_id": f"{prefix}-pdu-{n}", "url": agent.url(oid),
+         "update_every": period_ms} for n, agent in enumerate(agents)])
+    return shared
+
+
+def shared_kwollector(tmp_path: Path, kwdb, shared: Path, i: int, prefix: str,
+                      extra: str) -> Kwollector:
+    """Kwollector number i on the shared metrics.d, with `extra` configuration lines."""
+    (tmp_path / f"k{i}").mkdir()
+    k = Kwollector(tmp_path / f"k{i}", kwdb, prefix)
+    k.config.write_text(k.config.read_text().replace(
+        f"metrics_dir: {k.metrics_dir}", f"metrics_dir: {shared}") + extra)
+    return k
+
+
 def prometheus_targets(k: Kwollector) -> set[str]:
     """The targets the kwollector has polled (none while it is still starting)."""
     port = re.search(r"prometheus_port: (\d+)", k.config.read_text()).group(1)
@@ -125,22 +147,12 @@ async def test_two_kwollectors_share_one_metrics_dir(tmp_path, kwdb, writer, nod
             process, agent = start_snmpd(tmp_path / f"snmpd{len(agents)}")
             processes.append(process)
             agents.append(agent)
-        shared = tmp_path / "metrics.d"
-        shared.mkdir()
-        oid = sorted(BULK)[0]
-        write_descriptions(shared, "pdus.yaml", [
-            {"name": "outlet", "device_id": f"shard-pdu-{n}", "url": agent.url(oid)}
-            for n, agent in enumerate(agents)])
+        shared = shared_metrics_dir(tmp_path, agents, "shard")
         write_descriptions(shared, "node.yaml", [
             {"name": "prom", "device_id": "shard-node",
              "url": f"prometheus://{node_exporter.address}/node_load1"}])
-        kwollectors = []
-        for i in (1, 2):
-            (tmp_path / f"k{i}").mkdir()
-            k = Kwollector(tmp_path / f"k{i}", kwdb, f"shard{i}")
-            k.config.write_text(k.config.read_text().replace(
-                f"metrics_dir: {k.metrics_dir}", f"metrics_dir: {shared}") + f"shard: {i}/2\n")
-            kwollectors.append(k)
+        kwollectors = [shared_kwollector(tmp_path, kwdb, shared, i, f"shard{i}",
+                                         f"shard: {i}/2\n") for i in (1, 2)]
         every = {f"snmp://{a.host}:{a.port}" for a in agents} | \
             {f"prometheus://{node_exporter.address}"}
         try:
