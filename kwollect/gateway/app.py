@@ -75,8 +75,8 @@ class ReplicaFailed(KwollectError):
 
 
 # Errors that say the server, not the call, failed: connection exceptions (class 08),
-# shutdown or crash of the server (57P01-57P03), and a standby's conflict with recovery
-# (40001 canceled on conflict is retried by the caller, not here).
+# shutdown or crash of the server (57P01-57P03).  A query a standby cancels on conflict
+# with recovery (40001) is the call's error, answered as such, not retried here.
 _SERVER_GONE = ("08", "57P01", "57P02", "57P03")
 
 
