@@ -17,7 +17,10 @@ import pytest
 WRITER_DEFINER_ALLOWED = {"kwollect.ensure_partitions(timestamp with time zone[])",
                           "kwollect.maintain()",
                           # `kwollect maintain` and update_promoted_metrics copy OAR's jobs
-                          "kwollect.sync_jobs()"}
+                          "kwollect.sync_jobs()",
+                          # kwollectors with failover_groups lease their target groups
+                          "kwollect.lease_groups(text,integer,double precision,"
+                          "double precision)"}
 
 # Statements no role but the owner (and superusers) may run.
 FORBIDDEN_TO_ALL = (
