@@ -240,6 +240,12 @@ def test_readme_production_commands_on_a_fresh_debian_cluster(machine, snmp_agen
             wait_for(answered, f"no rows from {url}:\n{machine.log('kwollect-api.service')}"
                                f"\n{machine.log('kwollector@kwollector.service')}")
             assert {r["device_id"] for r in rows} == {"pdu-1"}
+            # the web view is served, with the chart library from the package's virtualenv
+            for page in ("/ui/", "/ui/plotly.min.js"):
+                got = subprocess.run(["curl", "-sf", "-o", "/dev/null", "-w", "%{http_code}",
+                                      f"http://127.0.0.1:{api_port}{page}"],
+                                     capture_output=True, text=True)
+                assert got.stdout == "200", (page, got.stderr)
         else:
             result = sh(command, timeout=1200)
             if command.startswith("apt-get install"):
@@ -268,7 +274,7 @@ def test_readme_production_commands_on_a_fresh_debian_cluster(machine, snmp_agen
 def check_installed_files() -> None:
     """What the package puts where the README says."""
     for command in ("kwollect", "kwollector", "kwollector-wattmetre", "kwollect-api",
-                    "kwollect-setup-db"):
+                    "kwollect-setup-db", "kwollect-setup-db-oar"):
         assert Path(f"/usr/bin/{command}").resolve() == Path(f"/usr/lib/kwollect/bin/{command}")
     etc = Path("/etc/kwollect")
     for path, mode in ((etc, 0o750), (etc / "metrics.d", 0o750),
@@ -283,3 +289,8 @@ def check_installed_files() -> None:
     assert (docs / "README.md").exists() or (docs / "README.md.gz").exists()
     assert list((docs / "examples").rglob("pdu.yaml*"))
     assert Path("/usr/lib/sysusers.d/kwollect.conf").exists()
+    # Grafana files where grafana/provisioning/dashboards/kwollect.yaml looks; the Slurm hook
+    grafana = Path("/usr/share/kwollect/grafana")
+    assert (grafana / "kwollect_dashboard.json").exists()
+    assert (grafana / "provisioning/datasources/kwollect.yaml").exists()
+    assert os.access("/usr/libexec/kwollect/kwollect-slurm-hook", os.X_OK)

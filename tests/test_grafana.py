@@ -228,8 +228,8 @@ async def test_kwollect_1x_dashboard_query_shape_still_works(kwdb, grafana_data)
     assert rates and all(rate == pytest.approx(1000.0 / STEP_S) for rate in rates)
 
 
-async def test_the_1x_overload_leaves_http_calls_unambiguous(gateway, grafana_data):
-    """All seven arguments of the 1.x form sent over HTTP still reach the main function."""
+async def test_the_1x_arguments_work_over_http_too(gateway, grafana_data):
+    """The seven arguments the 1.x dashboards pass, as text over HTTP (as_rate=false)."""
     import aiohttp
 
     end = grafana_data["now"]

@@ -333,8 +333,6 @@ class Catalog:
                  and sent <= fn.names and fn.required <= sent]
         if body == "array":
             named = []
-        if len(named) > 1:
-            named = _widest(named)
         if len(named) == 1:
             return named[0]
         if len(named) > 1:
@@ -358,19 +356,6 @@ class Catalog:
         if function.body_param:
             return Call(function, [Argument(function.params[0], raw_body or "{}")])
         return Call(function, _arguments_json(function, values or {}))
-
-
-def _widest(candidates: list[Function]) -> list[Function]:
-    """The one candidate whose parameters include every other candidate's, if there is one.
-
-    PostgREST would answer 300 (PGRST203) here. kwollect-api picks the widest overload, so
-    that a request sending every argument of sql/055_compat_1x.sql's 1.x get_metrics form
-    reaches the main get_metrics (whose text as_rate takes true and false too).
-    """
-    for fn in candidates:
-        if all(other is fn or other.names < fn.names for other in candidates):
-            return [fn]
-    return candidates
 
 
 def _no_match(schema: str, name: str, sent: frozenset[str], overloads: list[Function],

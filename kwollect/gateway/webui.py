@@ -3,9 +3,10 @@
 The page is static (ui/index.html, ui/app.js, ui/app.css) and calls the same /rpc
 functions as any client, with the same roles: anonymous visitors read what kwuser_ro
 reads, a token pasted in the page is sent as a Bearer header and never stored. The chart
-library is plotly.js as shipped inside the `plotly` Python package (an optional extra,
-`pip install 'kwollect-pg[ui]'`), served from that installation at /ui/plotly.min.js;
-nothing of it is copied into this repository. Without it, /ui/ says what to install.
+library is plotly.js as shipped inside the `plotly` Python package (a dependency: the
+well-kept way to get a charting library from a package index without a JavaScript build),
+served from that installation at /ui/plotly.min.js; nothing of it is copied into this
+repository. Should it be missing, /ui/ says what to install.
 """
 
 from __future__ import annotations
