@@ -41,7 +41,7 @@ from kwollect.store.secretfiles import default_group, new_secret, write_secret_f
 
 log = logging.getLogger("kwollect.store.setupdb")
 
-DEFAULTS: dict[str, Any] = {
+ADMIN_DEFAULTS: dict[str, Any] = {
     "db_host": "/var/run/postgresql/",
     "db_port": 5432,
     "db_admin": "postgres",
@@ -49,6 +49,11 @@ DEFAULTS: dict[str, Any] = {
     "db_admin_password_file": "",
     "kwollect_db_name": "kwdb",
     "kwollect_user": "kwuser",
+}
+"""How the setup tools reach the kwollect database as an administrator (both take these)."""
+
+DEFAULTS: dict[str, Any] = {
+    **ADMIN_DEFAULTS,
     "kwollect_password": "",
     "kwollect_password_file": "",
     "kwollect_password_ro": "",

@@ -21,18 +21,12 @@ from typing import Any
 import asyncpg
 
 from kwollect.options import OptionError, positive_int, tool_options
-from kwollect.store.setupdb import SetupError, connect_admin, role_names
+from kwollect.store.setupdb import ADMIN_DEFAULTS, SetupError, connect_admin, role_names
 
 log = logging.getLogger("kwollect.store.setupdb_oar")
 
 DEFAULTS: dict[str, Any] = {
-    "db_host": "/var/run/postgresql/",
-    "db_port": 5432,
-    "db_admin": "postgres",
-    "db_admin_password": "",
-    "db_admin_password_file": "",
-    "kwollect_db_name": "kwdb",
-    "kwollect_user": "kwuser",
+    **ADMIN_DEFAULTS,
     "oardb_host": "oar",
     "oardb_port": 5432,
     "oardb_name": "oar2",
