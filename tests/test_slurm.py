@@ -21,6 +21,16 @@ def slurm(slurm_binaries, gateway):
     cluster.stop()
 
 
+
+async def job_ended_without_promotion(writer, job: int) -> None:
+    """Wait until every node of the job has a stop time; then no promotion may remain."""
+    async def ended():
+        return await writer.fetchval("SELECT bool_and(stop_time IS NOT NULL) FROM "
+                                     "nodetime_per_job WHERE job_id = $1", job)
+    await wait_for(ended)
+    assert await writer.fetchval("SELECT count(*) FROM promoted_metrics WHERE job_id = $1",
+                                 job) == 0
+
 async def test_slurm_job_rows_and_promotion_follow_the_job(slurm, writer):
     submitted = time.monotonic()
     job = sbatch(slurm, "-N2", "--comment", "monitor=bmc_.* other-word", "--wrap", "sleep 4")
@@ -35,13 +45,7 @@ async def test_slurm_job_rows_and_promotion_follow_the_job(slurm, writer):
                                   "WHERE job_id = $1 ORDER BY 1", job)
     assert [tuple(r) for r in promoted] == [(n, "bmc_.*") for n in NODES]
     started = time.monotonic() - submitted
-
-    async def ended():
-        return await writer.fetchval("SELECT bool_and(stop_time IS NOT NULL) FROM "
-                                     "nodetime_per_job WHERE job_id = $1", job)
-    await wait_for(ended)
-    assert await writer.fetchval("SELECT count(*) FROM promoted_metrics WHERE job_id = $1",
-                                 job) == 0
+    await job_ended_without_promotion(writer, job)
     window = await writer.fetchrow("SELECT min(start_time) AS t0, max(stop_time) AS t1 "
                                    "FROM nodetime_per_job WHERE job_id = $1", job)
     assert 3 <= (window["t1"] - window["t0"]).total_seconds() <= 30
@@ -50,13 +54,7 @@ async def test_slurm_job_rows_and_promotion_follow_the_job(slurm, writer):
 
 async def test_a_job_without_monitor_promotes_nothing(slurm, writer):
     job = sbatch(slurm, "-N1", "--comment", "monitoring please", "--wrap", "sleep 1")
-
-    async def ended():
-        return await writer.fetchval("SELECT bool_and(stop_time IS NOT NULL) FROM "
-                                     "nodetime_per_job WHERE job_id = $1", job)
-    await wait_for(ended)
-    assert await writer.fetchval("SELECT count(*) FROM promoted_metrics WHERE job_id = $1",
-                                 job) == 0
+    await job_ended_without_promotion(writer, job)
 
 
 async def test_kwollect_down_never_holds_a_job(slurm, writer):
