@@ -164,3 +164,5 @@ def test_ui_files_are_served_with_safe_headers(gateway):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{gateway.url}/ui/..%2fapp.py")  # noqa: S310
     assert err.value.code == 404
+    with urllib.request.urlopen(f"{gateway.url}/ui") as response:  # noqa: S310
+        assert response.url == f"{gateway.url}/ui/" and response.status == 200

@@ -60,7 +60,9 @@ async def static(request: web.Request) -> web.StreamResponse:
 
 
 async def redirect(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPFound("/ui/")
+    """/ui to /ui/, returned (the gateway's middleware turns raised HTTP errors into JSON
+    error bodies); relative, so that it holds behind a proxy's path prefix."""
+    return web.Response(status=302, headers={"Location": "ui/"})
 
 
 def add_routes(app: web.Application) -> None:
