@@ -9,7 +9,7 @@ client sends never enter SQL text: they travel as bound parameters of set_config
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,21 +200,11 @@ class Call:
 
     def query(self, as_json: bool) -> str:
         """The SELECT whose rows COPY streams: raw columns, or JSON-ready ones."""
-        fn = self.function
-        target = f"{quote_ident(fn.schema)}.{quote_ident(fn.name)}({self._argument_sql()})"
-        if fn.record_call:
+        if self.function.record_call:
             value = "to_json(t.v)" if as_json else "t.v"
-            return f"SELECT {value} FROM (SELECT {target} AS v) AS t"  # noqa: S608
-        if not fn.columns:
-            return f"SELECT FROM {target} AS t"  # noqa: S608
-        aliases = ", ".join(quote_ident(c.name) for c in fn.columns)
-        select = []
-        for column in fn.columns:
-            ref = f"t.{quote_ident(column.name)}"
-            wrap = as_json and column.type.codec is Codec.TO_JSON
-            select.append(f"to_json({ref})" if wrap else ref)
-        # Identifiers come from pg_catalog and are quoted; values are bound settings.
-        return f"SELECT {', '.join(select)} FROM {target} AS t({aliases})"  # noqa: S608
+            return f"SELECT {value} FROM (SELECT {self._target()} AS v) AS t"  # noqa: S608
+        return self._select(lambda column, ref: f"to_json({ref})"
+                            if as_json and column.type.codec is Codec.TO_JSON else ref)
 
     def query_csv(self) -> str:
         """The SELECT for text/csv: what a spreadsheet can read.
@@ -225,19 +215,28 @@ class Call:
         ("node_energy_watthour.node-1"), instead of one cell holding the whole object.
         """
         fn = self.function
-        target = f"{quote_ident(fn.schema)}.{quote_ident(fn.name)}({self._argument_sql()})"
         if fn.shape is Shape.SCALAR and fn.columns and fn.columns[0].type.is_json:
-            return JSON_TABLE_SQL.format(target=target)
-        if fn.record_call or not fn.columns:
+            return JSON_TABLE_SQL.format(target=self._target())
+        if fn.record_call:
             return self.query(as_json=False)
+        return self._select(lambda column, ref: f"to_json({ref}) #>> '{{}}'"
+                            if column.type.codec in (Codec.TIMESTAMPTZ, Codec.TIMESTAMP)
+                            else ref)
+
+    def _target(self) -> str:
+        fn = self.function
+        return f"{quote_ident(fn.schema)}.{quote_ident(fn.name)}({self._argument_sql()})"
+
+    def _select(self, expression: Callable[[Column, str], str]) -> str:
+        """SELECT every output column of the call, each through `expression` (column, ref)."""
+        fn = self.function
+        if not fn.columns:
+            return f"SELECT FROM {self._target()} AS t"  # noqa: S608
         aliases = ", ".join(quote_ident(c.name) for c in fn.columns)
-        select = []
-        for column in fn.columns:
-            ref = f"t.{quote_ident(column.name)}"
-            iso = column.type.codec in (Codec.TIMESTAMPTZ, Codec.TIMESTAMP)
-            select.append(f"to_json({ref}) #>> '{{}}' AS {quote_ident(column.name)}"
-                          if iso else ref)
-        return f"SELECT {', '.join(select)} FROM {target} AS t({aliases})"  # noqa: S608
+        select = [f"{expression(c, 't.' + quote_ident(c.name))} AS {quote_ident(c.name)}"
+                  for c in fn.columns]
+        # Identifiers come from pg_catalog and are quoted; values are bound settings.
+        return f"SELECT {', '.join(select)} FROM {self._target()} AS t({aliases})"  # noqa: S608
 
 
 # One JSON object as (key, value) rows; nested objects flattened with dotted keys.
