@@ -80,17 +80,18 @@ def export(client: Client, params: dict[str, object], fmt: str, out: IO[bytes],
            progress: Progress) -> int:
     """Copy the API's answer to `out`; the number of rows written."""
     mark = ROW_MARK[fmt]
-    rows = 0
+    header = 1 if fmt == "csv" else 0
+    keep = len(mark) - 1   # a mark may straddle two chunks: its start is kept for the next
+    marks = 0
     with client.open("get_metrics", params, fmt) as response:
         tail = b""
         while chunk := response.read(CHUNK):
             out.write(chunk)
             window = tail + chunk
-            rows += window.count(mark) - tail.count(mark)
-            tail = window[-(len(mark) - 1):] if len(mark) > 1 else b""
-            progress.update(rows - (1 if fmt == "csv" and rows else 0))
-    if fmt == "csv" and rows:
-        rows -= 1
+            marks += window.count(mark)
+            tail = window[len(window) - keep:] if keep else b""
+            progress.update(max(marks - header, 0))
+    rows = max(marks - header, 0)
     progress.update(rows, final=True)
     return rows
 
