@@ -333,15 +333,40 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
 $$;
 
 -- Per-second rate of a counter between two samples, with the reference's reset rule:
--- when the value decreases, the increase is running_max - previous + value.
+-- when the value decreases, the increase is running_max - previous + value.  Values that
+-- are 0, non-finite or of magnitude in [1e-290, 1e290] cannot make the float8 operators
+-- raise (a difference is then 0 or at least 1e-306, the time step between 1e-6 s and
+-- 4.1e9 s); others (5e-324 over 5 s, 1e308 per microsecond) take the rounded arithmetic,
+-- which gives IEEE's zero or infinity instead of "value out of range".
+CREATE OR REPLACE FUNCTION kwollect.counter_rate_rounded(
+    p_value double precision, p_prev double precision, p_running_max double precision,
+    p_seconds double precision)
+RETURNS double precision LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT kwollect.float8_div_rounded(
+               CASE WHEN p_value < p_prev
+                    THEN kwollect.float8_add_rounded(
+                             kwollect.float8_add_rounded(p_running_max, -p_prev), p_value)
+                    ELSE kwollect.float8_add_rounded(p_value, -p_prev) END,
+               p_seconds)
+$$;
+
 CREATE OR REPLACE FUNCTION kwollect.counter_rate(p_value double precision, p_prev double precision,
                                                  p_running_max double precision,
                                                  p_ts timestamptz, p_prev_ts timestamptz)
 RETURNS double precision LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN p_prev_ts IS NULL OR p_ts = p_prev_ts THEN NULL
-                WHEN p_value < p_prev THEN (p_running_max - p_prev + p_value)
-                ELSE p_value - p_prev
-           END / date_part('epoch', p_ts - p_prev_ts)
+                WHEN (p_value IS NULL OR p_value = 0 OR abs(p_value) BETWEEN 1e-290 AND 1e290
+                      OR p_value = 'NaN' OR abs(p_value) = 'Infinity')
+                 AND (p_prev IS NULL OR p_prev = 0 OR abs(p_prev) BETWEEN 1e-290 AND 1e290
+                      OR p_prev = 'NaN' OR abs(p_prev) = 'Infinity')
+                 AND (p_running_max IS NULL OR p_running_max = 0 OR abs(p_running_max) BETWEEN 1e-290 AND 1e290
+                      OR p_running_max = 'NaN' OR abs(p_running_max) = 'Infinity')
+                THEN CASE WHEN p_value < p_prev THEN (p_running_max - p_prev + p_value)
+                          ELSE p_value - p_prev
+                     END / date_part('epoch', p_ts - p_prev_ts)
+                ELSE kwollect.counter_rate_rounded(p_value, p_prev, p_running_max,
+                                                   date_part('epoch', p_ts - p_prev_ts))
+           END
 $$;
 
 DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, boolean);

@@ -76,3 +76,35 @@ async def test_http_takes_the_words_of_any_case(gateway, counter):
                 assert resp.status == 200, await resp.text()
                 got = [r["value"] for r in await resp.json()]
             assert got == expected["ar_load"], word
+
+
+def ieee_rates(values: list[float], step_s: float) -> list[float | None]:
+    """The reference's rates computed by Python floats (IEEE rounding, never an error)."""
+    rates: list[float | None] = [None]
+    for i in range(1, len(values)):
+        value, prev, running_max = values[i], values[i - 1], max(values[:i])
+        increase = running_max - prev + value if value < prev else value - prev
+        rates.append(increase / step_s)
+    return rates
+
+
+EXTREME = [0.0, 5e-324, 1e-323, 5e-324, 2.5e-323, 1e308, -1e308, 1.5e308, 0.0, -0.0, 1e-300]
+
+
+@pytest.mark.parametrize("step_s", [5.0, 1e-6])
+async def test_subnormal_and_huge_values_round_instead_of_failing(writer, reader, step_s):
+    """5e-324 over 5 s is below the smallest double: the rate is 0 (it was 'value out of
+    range: underflow', failing the whole request); 1.5e308 - (-1e308) is +infinity."""
+    device = f"ar-x{int(step_s * 1e6)}"
+    await load(writer, series(device, "ar_tiny_total", T0, len(EXTREME), step_s,
+                              value=lambda i: EXTREME[i]))
+    rows = await reader.fetch(
+        "SELECT value FROM api.get_metrics(devices => $1, start_time => $2, end_time => $3, "
+        "as_rate => true) ORDER BY timestamp", device, iso(T0), iso(T0 + timedelta(minutes=1)))
+    got = [r["value"] for r in rows]
+    expected = ieee_rates(EXTREME, step_s)
+    assert [repr(v) for v in got] == [repr(v) for v in expected]
+    # the cases that raised: underflow of the quotient, overflow of the difference, and
+    # overflow of the quotient of a finite difference by a microsecond
+    assert expected[7] == float("inf")
+    assert expected[3] == 0.0 if step_s == 5.0 else expected[5] == float("inf")
