@@ -164,11 +164,16 @@ def quote_ident(name: str) -> str:
 
 @dataclass
 class Argument:
-    """A value for one parameter: text cast by PostgreSQL, a JSON array, or SQL NULL."""
+    """A value for one parameter: text cast by PostgreSQL, a JSON array, or SQL NULL.
+
+    `body` is a whole request body kept as the bytes received: it reaches its setting by
+    COPY (kwollect-api's _copy_body), never as a Python string or a bound parameter.
+    """
 
     param: Param
     text: str | None
     json_array: bool = False
+    body: bytes | bytearray | None = None
 
 
 @dataclass
@@ -181,12 +186,19 @@ class Call:
         return [(ARG_SETTING.format(i), arg.text)
                 for i, arg in enumerate(self.arguments, 1) if arg.text is not None]
 
+    def body(self) -> tuple[str, bytes | bytearray] | None:
+        """(setting name, bytes) of the argument given as raw body bytes, if any."""
+        for i, arg in enumerate(self.arguments, 1):
+            if arg.body is not None:
+                return ARG_SETTING.format(i), arg.body
+        return None
+
     def _argument_sql(self) -> str:
         parts = []
         for i, arg in enumerate(self.arguments, 1):
             target = arg.param.type.sql
             source = f"current_setting('{ARG_SETTING.format(i)}')"
-            if arg.text is None:
+            if arg.text is None and arg.body is None:
                 value = f"CAST(NULL AS {target})"
             elif arg.json_array:
                 value = f"CAST(ARRAY(SELECT jsonb_array_elements_text(CAST({source} AS jsonb))) " \
@@ -355,6 +367,11 @@ class Catalog:
         if function.body_param:
             return Call(function, [Argument(function.params[0], raw_body or "{}")])
         return Call(function, _arguments_json(function, values or {}))
+
+    @staticmethod
+    def bind_body(function: Function, body: bytes | bytearray) -> Call:
+        """The whole body as the single json argument, kept as bytes (see Argument)."""
+        return Call(function, [Argument(function.params[0], None, body=body)])
 
 
 def _no_match(schema: str, name: str, sent: frozenset[str], overloads: list[Function],
