@@ -139,7 +139,15 @@ HELP: dict[str, str] = {
     "kwollect_password_ro_file": "file holding the read-only role's password; created with a "
                                  "fresh random password (mode 0640) when missing",
     "chunk_interval_hour": "time range of one sample partition, in hours",
-    "chunk_compress_hour": "age after which partitions are compressed, in hours (TimescaleDB)",
+    "chunk_compress_hour": "age after which partitions are compacted (stock PostgreSQL) or "
+                           "chunks compressed (TimescaleDB), in hours",
+    "timescaledb": "storage of the samples: on (a TimescaleDB hypertable with native "
+                   "compression; fails when the server lacks TimescaleDB or only has its "
+                   "Apache-2 build), off (partitions of stock PostgreSQL and kwollect's "
+                   "compaction), auto (on when the server can; an existing database keeps its "
+                   "storage)",
+    "switch_storage": "with --timescaledb on or off: move an existing database's samples to "
+                      "that storage, every one copied in one transaction (docs/storage.md)",
     "request_timeout_min": "statement timeout of the API roles, in minutes",
     "max_rows": "largest number of raw rows one get_metrics call may return",
     "job_energy_metric": "metric summed by get_job_metrics as the job's energy",

@@ -129,7 +129,7 @@ def test_archive_moves_old_partitions(pg_cluster, tmp_path):
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(archive, user.pw_uid, user.pw_gid)
-    assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive),
+    assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive), "--timescaledb", "off",
                      "--archive_after_hour", "24", database="kwdb_archive") == 0
 
     async def check():

@@ -60,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "kwollect_password_ro_file": "",
     "chunk_interval_hour": 6,
     "chunk_compress_hour": 24,
+    "timescaledb": "auto",
+    "switch_storage": False,
     "request_timeout_min": 5,
     "max_rows": 20_000_000,
     "job_energy_metric": "bmc_node_power_watt",
@@ -165,14 +167,104 @@ async def ensure_database(conn: asyncpg.Connection, name: str, owner: str) -> No
     await _ddl(conn, "ALTER DATABASE %I SET jit = off", name)
 
 
+STORAGE_NAMES = {"stock": "stock PostgreSQL partitions", "timescaledb": "a TimescaleDB hypertable"}
+
+
+async def existing_storage(conn: asyncpg.Connection) -> str | None:
+    """The storage of an existing kwollect.samples (None in a new database), as
+    kwollect.storage() tells it: a partitioned table is stock, anything else a hypertable."""
+    kind = await conn.fetchval(
+        "SELECT relkind::text FROM pg_class WHERE oid = to_regclass('kwollect.samples')")
+    return None if kind is None else "stock" if kind == "p" else "timescaledb"
+
+
+async def timescaledb_unusable(conn: asyncpg.Connection,
+                               conf: dict[str, Any]) -> str | None:
+    """None when the server can keep the samples on a compressed hypertable, else why not.
+
+    The extension must be installed and preloaded, and not the Apache-2 build alone: license
+    `apache` has no native compression, so kwollect's own compaction on stock PostgreSQL
+    serves better.  The license is only known once the extension exists in the database:
+    it is created, on a connection of its own (a session that loaded one version of the
+    library cannot create the extension again), in a transaction that is rolled back.
+    """
+    if not await conn.fetchval(
+            "SELECT true FROM pg_available_extensions WHERE name = 'timescaledb'"):
+        return "the TimescaleDB extension is not installed on the database server"
+    probe = await connect_admin(conf, conf["kwollect_db_name"])
+    undone = probe.transaction()
+    try:
+        await undone.start()
+        await probe.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        license_ = await probe.fetchval("SELECT current_setting('timescaledb.license', true)")
+        await undone.rollback()
+    except asyncpg.PostgresError as exc:
+        return f"TimescaleDB cannot be created in the database: {str(exc).splitlines()[0]}"
+    finally:
+        await probe.close()
+    if license_ == "apache":
+        return ("the server runs TimescaleDB's Apache-2 build only (timescaledb.license = "
+                "apache), which has no native compression")
+    return None
+
+
+def choose_storage(conf: dict[str, Any], current: str | None, unusable: str | None) -> str:
+    """The storage to set up: `timescaledb` (auto, on, off) against what the database has."""
+    wanted = str(conf["timescaledb"]).lower()
+    if wanted not in ("auto", "on", "off"):
+        raise OptionError(f"timescaledb: expected auto, on or off, got {conf['timescaledb']!r}")
+    if wanted == "auto":
+        if conf["switch_storage"]:
+            raise OptionError("switch_storage: say which storage to switch to "
+                              "(--timescaledb on or off)")
+        if current == "timescaledb" and unusable:
+            raise SetupError(f"the database keeps its samples on TimescaleDB, but {unusable}")
+        if current is None and unusable:
+            log.info("TimescaleDB not used: %s", unusable)
+        return current or ("stock" if unusable else "timescaledb")
+    target = "timescaledb" if wanted == "on" else "stock"
+    if unusable and "timescaledb" in (target, current):
+        raise SetupError(f"--timescaledb {wanted}: {unusable}; with --timescaledb off (or auto) "
+                         f"the samples stay on stock PostgreSQL with kwollect's compaction")
+    if current not in (None, target) and not conf["switch_storage"]:
+        raise SetupError(
+            f"database {conf['kwollect_db_name']} keeps its samples in "
+            f"{STORAGE_NAMES[str(current)]}; to move them to {STORAGE_NAMES[target]}, run again "
+            f"with --switch_storage (every sample is copied, in one transaction: stop the "
+            f"collectors first, they spool meanwhile; docs/storage.md)")
+    return target
+
+
+async def prepare_storage(conn: asyncpg.Connection, conf: dict[str, Any]) -> tuple[str, str | None]:
+    """(storage to set up, storage to switch from or None); creates the extension if needed."""
+    current = await existing_storage(conn)
+    storage = choose_storage(conf, current, await timescaledb_unusable(conn, conf))
+    if storage == "timescaledb":
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        schema = await conn.fetchval("SELECT extnamespace::regnamespace::text FROM pg_extension "
+                                     "WHERE extname = 'timescaledb'")
+        if schema != "public":
+            raise SetupError(f"TimescaleDB is installed in schema {schema} of database "
+                             f"{conf['kwollect_db_name']}; kwollect needs it in public")
+    return storage, current if current not in (None, storage) else None
+
+
 async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
-                       roles: dict[str, str]) -> None:
-    """Apply sql/*.sql as the owner role, with the settings the files read."""
+                       roles: dict[str, str], storage: str = "stock",
+                       switch_from: str | None = None) -> int | None:
+    """Apply sql/*.sql as the owner role, with the settings the files read.
+
+    With `switch_from`, the database's samples move from that storage to `storage`: the
+    schema is brought up to date on the old storage, its samples set aside, the files
+    applied again to create the new storage, and every sample copied (their number is
+    returned), in the same transaction.
+    """
     files = sql_files()
     async with conn.transaction():
         await _ddl(conn, "SET LOCAL ROLE %I", roles["owner_role"])
         await conn.execute(files[0].read_text())
         settings = {**roles,
+                    "storage": switch_from or storage,
                     "chunk_interval_hour": str(positive_int(conf, "chunk_interval_hour")),
                     "chunk_compress_hour": str(positive_int(conf, "chunk_compress_hour")),
                     "max_rows": str(int(conf["max_rows"])),
@@ -182,15 +274,27 @@ async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
         await conn.executemany(
             "INSERT INTO kwollect.settings (key, value) VALUES ($1, $2) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", list(settings.items()))
-        for path in files[1:]:
-            try:
-                await conn.execute(path.read_text())
-            except asyncpg.PostgresError as exc:
-                raise RuntimeError(f"{path.name}: {exc}") from exc
+        await _apply_files(conn, files[1:])
+        copied = None
+        if switch_from:
+            await conn.execute("SELECT kwollect.switch_storage_begin()")
+            await conn.execute("UPDATE kwollect.settings SET value = $1 WHERE key = 'storage'",
+                               storage)
+            await _apply_files(conn, files[1:])
+            copied = await conn.fetchval("SELECT kwollect.switch_storage_finish()")
         await conn.execute(
             "INSERT INTO kwollect.schema_version (version) VALUES ($1) ON CONFLICT DO NOTHING",
             schema_version())
         await conn.execute("SELECT kwollect.maintain()")
+    return copied
+
+
+async def _apply_files(conn: asyncpg.Connection, files: list[Path]) -> None:
+    for path in files:
+        try:
+            await conn.execute(path.read_text())
+        except asyncpg.PostgresError as exc:
+            raise RuntimeError(f"{path.name}: {exc}") from exc
 
 
 async def load_jobmetrics_requests(conn: asyncpg.Connection, path: str) -> int:
@@ -428,8 +532,11 @@ async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[st
         await admin.close()
     conn = await connect_admin(conf, conf["kwollect_db_name"])
     try:
-        await apply_schema(conn, conf, roles)
-        done.append(f"schema {schema_version()} applied")
+        storage, switch_from = await prepare_storage(conn, conf)
+        copied = await apply_schema(conn, conf, roles, storage, switch_from)
+        done.append(f"schema {schema_version()} applied; samples in {STORAGE_NAMES[storage]}")
+        if switch_from:
+            done.append(f"switched from {STORAGE_NAMES[switch_from]}: {copied} samples copied")
         if conf["jobmetrics_requests_path"]:
             count = await load_jobmetrics_requests(conn, conf["jobmetrics_requests_path"])
             log.info("loaded %d job metrics requests", count)
