@@ -13,6 +13,9 @@ CREATE TABLE IF NOT EXISTS kwollect.migrated_ranges (
     PRIMARY KEY (source, range_start),
     CHECK (range_start < range_end)
 );
+-- Rows of series kwollect cannot hold (labels over 2000 bytes, ids over 255 characters).
+ALTER TABLE kwollect.migrated_ranges ADD COLUMN IF NOT EXISTS refused_rows bigint NOT NULL DEFAULT 0;
 COMMENT ON TABLE kwollect.migrated_ranges IS
     'Time ranges of a Kwollect 1.x source copied by kwollect migrate: source rows read, rows '
-    'written (duplicates of the source kept once), when.';
+    'written (duplicates of the source kept once), rows refused (labels over 2000 bytes, ids '
+    'over 255 characters), when.';

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import subprocess
@@ -240,6 +241,42 @@ async def test_verify_reports_a_difference(pg_cluster, admin_conn, target, secre
     assert status == 1
     assert ("DIFFERENT 2014-02-01 node-1 late_metric {}: source rows=1 values=1 sum=5.0 nan=0 "
             "inf=0, target absent") in out
+    await source.close()
+
+
+async def test_series_kwollect_cannot_hold_are_refused_and_the_rest_copied(
+        pg_cluster, admin_conn, target, secrets):
+    """Labels over 2000 bytes and ids over 255 characters (the reference took them) fail
+    kwollect.series' limits: their rows are refused by name, every other row of their ranges
+    is copied, and verify counts them apart."""
+    source = await k1.create_source(admin_conn, pg_cluster.dsn, "kw1x_big")
+    start = datetime(2015, 5, 1, tzinfo=UTC)
+    base = k1.rows(start=start, hours=2, step_s=60)
+    await k1.load(source, base)
+    big = json.dumps({"note": "".join(f"{i:04x}" for i in range(600))})  # 2,4xx bytes
+    odd = [(start + timedelta(minutes=m), "node-1", "annotated", 1.0, big) for m in range(90)]
+    odd += [(start + timedelta(minutes=m), "x" * 300, "bmc_node_power_watt", 2.0, "{}")
+            for m in range(0, 120, 7)]
+    await k1.load(source, odd)
+    conf = {**options(pg_cluster, "kw1x_big", secrets, range_minutes=30), "final": True,
+            "verify": True}
+    status, out = await run(conf)
+    assert status == 0, out
+    assert "4 ranges copied" in out
+    assert f"{len(odd):,} source rows refused (not copied)" in out
+    assert "REFUSED 90 rows of device_id 'node-1' metric_id 'annotated' labels " \
+           "{\"note\": \"000000010002" in out and "labels larger than 2000 bytes" in out
+    assert f"REFUSED 18 rows of device_id '{'x' * 80}' metric_id 'bmc_node_power_watt'" in out
+    assert "device_id or metric_id longer than 255 characters" in out
+    assert "duplicate rows" not in out
+    assert "0 series-days differ, 2 series-days of refused series not compared" in out
+    theirs = [r for r in await k1.distinct_rows(source, "metrics", start,
+                                                start + timedelta(hours=2))
+              if r[2] != "annotated" and len(r[1]) <= 255]
+    assert await k1.distinct_rows(target, "metrics", start, start + timedelta(hours=2)) == theirs
+    assert await target.fetchval(
+        "SELECT sum(refused_rows) FROM kwollect.migrated_ranges WHERE range_start >= $1 "
+        "AND range_start < $2", start, start + timedelta(hours=2)) == len(odd)
     await source.close()
 
 

@@ -89,7 +89,7 @@ async def copy_metrics(conf: dict[str, Any], password: str | None, name: str,
 
         async def worker() -> None:
             copier = RangeCopier(await src.connect(conf["from"], password),
-                                 await connect_target(conf), name, progress)
+                                 await connect_target(conf), name, progress, totals)
             try:
                 while (cell := await cells.get()) is not None:
                     lo, hi, fraction = cell
@@ -116,13 +116,16 @@ async def copy_metrics(conf: dict[str, Any], password: str | None, name: str,
               f"run), {totals.source_rows:,} source rows read, {totals.written_rows:,} rows "
               f"written in {elapsed:.1f} s ({rate:,.0f} rows/s)", file=out)
         dups = await target.fetchrow(
-            "SELECT sum(source_rows - written_rows) AS rows, count(*) AS ranges, "
+            "SELECT sum(source_rows - written_rows - refused_rows) AS rows, count(*) AS ranges, "
             "min(range_start) AS first FROM kwollect.migrated_ranges "
-            "WHERE source = $1 AND source_rows > written_rows", name)
+            "WHERE source = $1 AND source_rows > written_rows + refused_rows", name)
         if dups["ranges"]:
             print(f"metrics: {dups['rows']:,} duplicate rows of the source (identical "
                   f"timestamp, device, metric, labels and value) are kept once, in "
                   f"{dups['ranges']} ranges from {dups['first'].isoformat()}", file=out)
+        report_refused(totals, await target.fetchval(
+            "SELECT sum(refused_rows) FROM kwollect.migrated_ranges WHERE source = $1", name),
+            out)
         missing = await src.null_timestamps(source)
         if missing:
             print(f"metrics: {missing:,} source rows have no timestamp and were not copied",
@@ -131,6 +134,23 @@ async def copy_metrics(conf: dict[str, Any], password: str | None, name: str,
     finally:
         await source.close()
         await target.close()
+
+
+REFUSED_SHOWN = 20  # series listed by name; the count covers them all
+
+
+def report_refused(totals: Totals, all_runs: int | None, out: Any) -> None:
+    """The rows kwollect cannot hold, by series (this run's), and their total over every run."""
+    if not all_runs:
+        return
+    print(f"metrics: {all_runs:,} source rows refused (not copied): their series cannot be "
+          f"stored by kwollect", file=out)
+    ranked = sorted(totals.refused.items(), key=lambda item: -item[1])
+    for (device, metric, labels, reason), rows in ranked[:REFUSED_SHOWN]:
+        print(f"REFUSED {rows:,} rows of device_id {device!r} metric_id {metric!r} labels "
+              f"{labels}...: {reason}", file=out)
+    if len(ranked) > REFUSED_SHOWN:
+        print(f"REFUSED ... and {len(ranked) - REFUSED_SHOWN} more series", file=out)
 
 
 async def copy_small_tables(source: asyncpg.Connection, target: asyncpg.Connection,
@@ -193,12 +213,14 @@ async def migrate(conf: dict[str, Any], out: Any = sys.stdout) -> int:
             return 0
         verified_until = await target.fetchval(
             "SELECT max(range_end) FROM kwollect.migrated_ranges WHERE source = $1", name)
-        days, differences = await compare(source, target, verified_until)
+        days, differences, refused = await compare(source, target, verified_until)
         for difference in differences:
             print(f"DIFFERENT {difference}", file=out)
         print(f"verify: {days} days compared up to "
               f"{verified_until.isoformat() if verified_until else '-'}, "
-              f"{len(differences)} series-days differ", file=out)
+              f"{len(differences)} series-days differ"
+              + (f", {refused} series-days of refused series not compared" if refused else ""),
+              file=out)
         return 1 if differences else 0
     finally:
         await source.close()

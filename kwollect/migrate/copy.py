@@ -18,7 +18,10 @@ Each range is copied by one worker in one target transaction:
    written in the same transaction as the samples: after a crash or kill -9 a range is either
    entirely there with its checkpoint or absent, and a resumed run copies it again.
 Duplicates (identical rows: the reference had no unique key) are dropped by the DISTINCT and
-counted as source rows minus rows written.
+counted as source rows minus rows written and rows refused.  Rows of a series kwollect cannot
+hold (labels larger than 2000 bytes, ids longer than 255 characters: source.REFUSED) are
+refused: left out of the copy, counted in the checkpoint, reported by series; the rest of
+their range is copied.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -48,6 +51,8 @@ class Totals:
     skipped: int = 0
     source_rows: int = 0
     written_rows: int = 0
+    # (device_id, metric_id, start of the labels, reason) -> rows refused by this run
+    refused: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
 
 
 def cell_of(ts: datetime, step: timedelta) -> datetime:
@@ -59,11 +64,12 @@ class RangeCopier:
     """One worker's connections and the series ids it already knows."""
 
     def __init__(self, source: asyncpg.Connection, target: asyncpg.Connection, name: str,
-                 progress: Progress) -> None:
+                 progress: Progress, totals: Totals) -> None:
         self.source = source
         self.target = target
         self.name = name
         self.progress = progress
+        self.totals = totals
         self.series: dict[tuple[str, str, str], int] = {}
 
     async def series_ids(self, groups: list[asyncpg.Record]) -> list[int]:
@@ -83,6 +89,14 @@ class RangeCopier:
         """Copy [lo, hi); returns (source rows, rows written)."""
         groups = await self.source.fetch(src.RANGE_SERIES, lo, hi)
         source_rows = sum(g["n"] for g in groups)
+        refused = [g for g in groups if g["refused"] is not None]
+        for g in refused:
+            key = (g["device_id"][:80], g["metric_id"][:80], g["labels"][:80], g["refused"])
+            if key not in self.totals.refused:  # once per series, not once per range
+                log.warning("from %s: rows of device_id %.80r metric_id %.80r refused: %s",
+                            lo.isoformat(), g["device_id"], g["metric_id"], g["refused"])
+            self.totals.refused[key] = self.totals.refused.get(key, 0) + g["n"]
+        groups = [g for g in groups if g["refused"] is None]
         ids = await self.series_ids(groups)
         # partitions are whole hours: one point per hour of the range, and its last instant
         points = [lo + timedelta(hours=h) for h in range((hi - lo) // timedelta(hours=1) + 1)]
@@ -94,8 +108,9 @@ class RangeCopier:
                 written = await self._stream(groups, ids, lo, hi)
             await self.target.execute(
                 "INSERT INTO kwollect.migrated_ranges "
-                "(source, range_start, range_end, source_rows, written_rows) "
-                "VALUES ($1, $2, $3, $4, $5)", self.name, lo, hi, source_rows, written)
+                "(source, range_start, range_end, source_rows, written_rows, refused_rows) "
+                "VALUES ($1, $2, $3, $4, $5, $6)", self.name, lo, hi, source_rows, written,
+                sum(g["n"] for g in refused))
             await self.target.execute("SELECT kwollect.mark_late($1, $2)", lo, hi)
         return source_rows, written
 

@@ -39,23 +39,34 @@ WHERE m."timestamp" >= $5 AND m."timestamp" < $6
 ORDER BY map.sid, m."timestamp"
 """
 
+# Why kwollect.series cannot hold a series (NULL when it can): its ids are B-tree keys of at
+# most 255 characters, its labels a JSON object of at most 2000 bytes (as for the metrics
+# view).  Such rows are refused, counted and reported; the others of the range are copied.
+REFUSED = """CASE WHEN length(m.device_id) > 255 OR length(m.metric_id) > 255
+                   THEN 'device_id or metric_id longer than 255 characters'
+                   WHEN pg_column_size((""" + LABELS + """)::text::jsonb) > 2000
+                   THEN 'labels larger than 2000 bytes' END"""
+
 RANGE_SERIES = """
-SELECT m.device_id, m.metric_id, (""" + LABELS + """)::text AS labels, count(*) AS n
-FROM public.metrics m
-WHERE m."timestamp" >= $1 AND m."timestamp" < $2
-GROUP BY 1, 2, 3
-"""
+SELECT m.device_id, m.metric_id, m.labels::text AS labels, m.n, """ + REFUSED + """ AS refused
+FROM (SELECT m.device_id, m.metric_id, """ + LABELS + """ AS labels, count(*) AS n
+      FROM public.metrics m
+      WHERE m."timestamp" >= $1 AND m."timestamp" < $2
+      GROUP BY 1, 2, 3) m
+"""  # noqa: S608 (constant text)
 
 # Per series and day, over the source's distinct rows (duplicates are kept once).
 DAY_SUMMARY = """
-SELECT device_id, metric_id, labels::text AS labels, count(*) AS n, count(value) AS valued,
-       sum(value) FILTER (WHERE value NOT IN ('NaN', 'Infinity', '-Infinity')) AS total,
-       count(*) FILTER (WHERE value = 'NaN') AS nan,
-       count(*) FILTER (WHERE value IN ('Infinity', '-Infinity')) AS inf
+SELECT m.device_id, m.metric_id, m.labels::text AS labels, count(*) AS n,
+       count(m.value) AS valued,
+       sum(m.value) FILTER (WHERE m.value NOT IN ('NaN', 'Infinity', '-Infinity')) AS total,
+       count(*) FILTER (WHERE m.value = 'NaN') AS nan,
+       count(*) FILTER (WHERE m.value IN ('Infinity', '-Infinity')) AS inf,
+       """ + REFUSED + """ AS refused
 FROM (SELECT DISTINCT m."timestamp", m.device_id, m.metric_id, """ + LABELS + """ AS labels,
                       m.value
-      FROM public.metrics m WHERE m."timestamp" >= $1 AND m."timestamp" < $2) d
-GROUP BY 1, 2, 3
+      FROM public.metrics m WHERE m."timestamp" >= $1 AND m."timestamp" < $2) m
+GROUP BY m.device_id, m.metric_id, m.labels
 """  # noqa: S608 (constant text)
 
 

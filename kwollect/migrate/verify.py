@@ -1,6 +1,9 @@
 """`kwollect migrate --verify`: per series and UTC day, the source's distinct rows against the
 target's samples: row count, non-null values, sum of finite values, NaN and infinite counts.
 
+Series the migration refuses (source.REFUSED) are expected to be absent from the target: they
+are counted apart, not reported as differences.
+
 Days are compared one at a time, so memory stays bounded by one day's series.  Target rows
 written by other means in the same days (collectors switched to the target) show up as
 differences of the days they fall in.
@@ -63,26 +66,29 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 async def compare(source: asyncpg.Connection, target: asyncpg.Connection,
-                  until: datetime | None = None) -> tuple[int, list[Difference]]:
-    """(days compared, differences) over the source's time span, up to `until`."""
+                  until: datetime | None = None) -> tuple[int, list[Difference], int]:
+    """(days compared, differences, refused series-days) over the source's time span, up to
+    `until`."""
     first = await src.next_timestamp(source, None)
     last = await src.last_timestamp(source)
     if first is None or last is None:
-        return 0, []
+        return 0, [], 0
     if until is not None:
         last = min(last, until)
     differences = []
-    compared = 0
+    compared = refused = 0
     cursor: datetime | None = first
     while cursor is not None and cursor <= last:
         day = cell_of(cursor, DAY)
         upper = min(day + DAY, until) if until is not None else day + DAY
-        theirs = _stats(await source.fetch(src.DAY_SUMMARY, day, upper))
+        rows = await source.fetch(src.DAY_SUMMARY, day, upper)
+        theirs = _stats([r for r in rows if r["refused"] is None])
         ours = _stats(await target.fetch(TARGET_DAY_SUMMARY, day, upper))
+        refused += len(rows) - len(theirs)
         compared += 1
         for key in sorted(theirs.keys() | ours.keys()):
             a, b = theirs.get(key), ours.get(key)
             if a is None or b is None or not _same(a, b):
                 differences.append(Difference(day, key, a, b))
         cursor = await src.next_timestamp(source, day + DAY)
-    return compared, differences
+    return compared, differences, refused
