@@ -36,7 +36,13 @@ from kwollect.gateway.callers import NodeResolver
 from kwollect.gateway.catalog import Call, Catalog, Shape, load_catalog, quote_ident
 from kwollect.gateway.errors import ApiError, from_postgres, unavailable
 from kwollect.gateway.formats import DELIMITER, QUOTE, Format, Framing, negotiate
-from kwollect.gateway.limits import DEPTH_SCAN_MAX, check_headers, check_json_depth, too_large
+from kwollect.gateway.limits import (
+    DEPTH_SCAN_MAX,
+    ExportCap,
+    check_headers,
+    check_json_depth,
+    too_large,
+)
 from kwollect.logutil import RateLimitedLog, RateLimitFilter, excerpt
 from kwollect.options import OptionError
 
@@ -151,6 +157,13 @@ class ResultStream:
         self.fed = False
         self.failure: BaseException | None = None
         self.received = 0
+        self._cap: tuple[ExportCap, str, str] | None = None
+        self._counted = False
+
+    def count_against(self, cap: ExportCap, role: str, client: str) -> None:
+        """Once the output outgrows hold_bytes, this response counts as one of `cap`'s
+        exports (or is refused with its 429) until it ends."""
+        self._cap = (cap, role, client)
 
     @property
     def started(self) -> bool:
@@ -170,6 +183,10 @@ class ResultStream:
         self.pending_size += len(data)
         if self.response is None:
             if self.pending_size > self.hold_bytes:
+                if self._cap is not None:
+                    cap, role, client = self._cap
+                    cap.enter(role, client)
+                    self._counted = True
                 self.response = web.StreamResponse(headers={"Content-Type": self.fmt.value})
                 await self.response.prepare(self.request)
                 await self._flush()
@@ -269,6 +286,10 @@ class ResultStream:
         if self._spool is not None:
             self._spool.close()
         self._queue.clear()
+        if self._counted and self._cap is not None:
+            cap, role, client = self._cap
+            cap.leave(role, client)
+            self._counted = False
 
     def _tail(self) -> bytes:
         if self.framing is None:
@@ -388,6 +409,7 @@ class Gateway:
         self._retry_task: asyncio.Task | None = None
         self._faults = RateLimitedLog(log)
         self.version = kwollect.version()
+        self.exports = ExportCap(settings.max_exports_per_role, settings.max_exports_per_client)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -763,12 +785,20 @@ class Gateway:
         pairs += call.settings()
         return pairs
 
+    def _stream(self, request: web.Request, identity: Identity, fmt: Format,
+                framing: Framing | None) -> ResultStream:
+        stream = ResultStream(request, fmt, framing, self.settings.hold_bytes,
+                              self.settings.send_timeout, self.settings.spool_bytes)
+        client = self.callers.client_address(request.remote,
+                                             request.headers.get("X-Forwarded-For"))
+        stream.count_against(self.exports, identity.role, client or "")
+        return stream
+
     async def _execute(self, request: web.Request, identity: Identity, call: Call,
                        fmt: Format, readonly: bool) -> web.StreamResponse:
         function = call.function
         framing = None if fmt is Format.CSV else Framing(function.shape, fmt, function.columns)
-        stream = ResultStream(request, fmt, framing, self.settings.hold_bytes,
-                              self.settings.send_timeout, self.settings.spool_bytes)
+        stream = self._stream(request, identity, fmt, framing)
         pairs = self._settings(request, identity, call)
         setup = "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)"
                                       for i in range(len(pairs)))
@@ -783,8 +813,7 @@ class Gateway:
                 self._faults.warning("replica", "the read replica failed (%s): read-only calls "
                                      "go to the primary", failed)
                 stream.close()
-                stream = ResultStream(request, fmt, framing, self.settings.hold_bytes,
-                                      self.settings.send_timeout, self.settings.spool_bytes)
+                stream = self._stream(request, identity, fmt, framing)
                 return await self._run(request, identity, call, fmt, readonly, stream, setup,
                                        flat, False)
         finally:

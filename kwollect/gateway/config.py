@@ -34,7 +34,7 @@ OWN_KEYS = {
     "kwollect-db-password-file", "kwollect-hold-bytes", "kwollect-max-anon-body-bytes",
     "kwollect-max-param-bytes", "kwollect-max-json-depth", "kwollect-header-timeout",
     "kwollect-body-timeout", "kwollect-send-timeout", "kwollect-max-connections",
-    "kwollect-spool-bytes",
+    "kwollect-spool-bytes", "kwollect-max-exports-per-role", "kwollect-max-exports-per-client",
     "kwollect-node-map-file", "kwollect-node-reverse-dns", "kwollect-trusted-proxies",
     "kwollect-node-role",
 }
@@ -71,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
     "kwollect-send-timeout": 30,
     "kwollect-max-connections": 1000,
     "kwollect-spool-bytes": 256 * 1024 * 1024,
+    # Streamed responses at once (docs/gateway.md, "Limits"); per role: db-pool - 2 (at
+    # least 1) unless set, so that a role's stalled exports leave connections to the rest.
+    "kwollect-max-exports-per-role": None,
+    "kwollect-max-exports-per-client": 4,
     "kwollect-node-map-file": "",
     "kwollect-node-reverse-dns": False,
     "kwollect-trusted-proxies": "",
@@ -108,6 +112,10 @@ class Settings:
     send_timeout: float = DEFAULTS["kwollect-send-timeout"]
     max_connections: int = DEFAULTS["kwollect-max-connections"]
     spool_bytes: int = DEFAULTS["kwollect-spool-bytes"]
+    max_exports_per_role: int = 0
+    """Streamed responses at once per role (0: no cap)."""
+    max_exports_per_client: int = DEFAULTS["kwollect-max-exports-per-client"]
+    """Streamed responses at once per client address (0: no cap)."""
     app_settings: dict[str, str] = field(default_factory=dict)
     # insert_user_metrics: callers named from their address (kwollect.gateway.callers)
     node_map: dict[str, str] = field(default_factory=dict)
@@ -287,6 +295,9 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
     port = _as_int(values, "server-port")
     if port > 65535:
         raise OptionError(f"server-port must be at most 65535, got {port}")
+    pool_size = _as_int(values, "db-pool", 1)
+    per_role = max(1, pool_size - 2) if values["kwollect-max-exports-per-role"] in (None, "") \
+        else _as_int(values, "kwollect-max-exports-per-role")
     return Settings(
         db_uri=db_uri,
         db_password=password,
@@ -299,7 +310,7 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
         role_claim_path=parse_role_claim_key(str(values["jwt-role-claim-key"])),
         server_host=_listen_host(str(values["server-host"])),
         server_port=port,
-        pool_size=_as_int(values, "db-pool", 1),
+        pool_size=pool_size,
         pool_timeout=float(_as_int(values, "db-pool-acquisition-timeout", 1)),
         max_rows=_as_int(values, "kwollect-max-rows"),
         max_body_bytes=_as_int(values, "kwollect-max-body-bytes", 1),
@@ -313,6 +324,8 @@ def build_settings(conf: Mapping[str, Any]) -> Settings:
         send_timeout=float(_as_int(values, "kwollect-send-timeout", 1)),
         max_connections=_as_int(values, "kwollect-max-connections", 1),
         spool_bytes=_as_int(values, "kwollect-spool-bytes"),
+        max_exports_per_role=per_role,
+        max_exports_per_client=_as_int(values, "kwollect-max-exports-per-client"),
         app_settings={k: str(v) for k, v in values.items() if k.startswith("app.settings.")},
         node_map=(load_node_map(str(values["kwollect-node-map-file"]))
                   if values["kwollect-node-map-file"] else {}),

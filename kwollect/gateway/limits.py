@@ -8,6 +8,7 @@ PostgreSQL's stack (500), undecodable header bytes (500), reserved role names in
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 from kwollect.gateway.errors import ApiError
@@ -78,3 +79,45 @@ def check_role_name(role: str) -> bool:
 def too_large(what: str, limit: int, key: str) -> ApiError:
     return ApiError(413, "PGRST413", f"{what} is larger than {limit} bytes",
                     hint=f"The limit is kwollect-api's {key} setting.")
+
+
+EXPORT_RETRY_AFTER_S = 5
+
+
+class ExportCap:
+    """Streamed responses (exports) at once, per role and per client address.
+
+    A response is an export from the moment its output outgrows kwollect-hold-bytes (the
+    status line is not sent yet, so a refusal is still a clean 429) until it ends, its
+    slow reader included.  Small answers never count and are never refused: while one
+    role's exports hold their connections (a stalled reader's query waits for room in its
+    spool), the rest of the pool serves everyone else (issue 10, item 5).
+    """
+
+    def __init__(self, per_role: int, per_client: int) -> None:
+        self.per_role = per_role
+        self.per_client = per_client
+        self._roles: Counter[str] = Counter()
+        self._clients: Counter[str] = Counter()
+
+    def enter(self, role: str, client: str) -> None:
+        """Count one more export, or raise the 429 that says which cap is reached."""
+        if self.per_client and self._clients[client] >= self.per_client:
+            raise self._refusal("this client address", self.per_client,
+                                "kwollect-max-exports-per-client")
+        if self.per_role and self._roles[role] >= self.per_role:
+            raise self._refusal(f"role {role}", self.per_role, "kwollect-max-exports-per-role")
+        self._roles[role] += 1
+        self._clients[client] += 1
+
+    def leave(self, role: str, client: str) -> None:
+        for counter, key in ((self._roles, role), (self._clients, client)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+    @staticmethod
+    def _refusal(who: str, cap: int, key: str) -> ApiError:
+        return ApiError(429, "KW429", f"{cap} large responses are already being sent to {who}",
+                        hint=f"Retry when one has ended; the cap is kwollect-api's {key}.",
+                        headers={"Retry-After": str(EXPORT_RETRY_AFTER_S)})
