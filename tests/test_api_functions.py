@@ -11,6 +11,12 @@ import pytest
 from tests.sqlapi import UTC, get_metrics, iso, load
 
 
+@pytest.fixture(scope="module")
+def kwdb(each_storage):
+    """Every test here runs on each storage (stock and TimescaleDB: tests/fixtures/kwdb.py)."""
+    return each_storage
+
+
 async def available(conn, at=None, params=None):
     rows = await conn.fetch("SELECT * FROM api.available_metrics(coalesce($1, now()), $2::jsonb)",
                             at, json.dumps(params or {}))

@@ -15,8 +15,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures.gateway import start_test_gateway
 from tests.grafana_interpolate import Variable, interpolate, template
 from tests.sqlapi import load_job, series
+
+
+@pytest.fixture(scope="module")
+def kwdb(each_storage):
+    """Every test here runs on each storage (stock and TimescaleDB: tests/fixtures/kwdb.py)."""
+    return each_storage
+
+
+@pytest.fixture(scope="module")
+def gateway(kwdb, tmp_path_factory):
+    """An HTTP gateway on this module's database (the session's serves the stock one)."""
+    with start_test_gateway(kwdb, tmp_path_factory.mktemp("gateway")) as server:
+        yield server
+
 
 GRAFANA = Path(__file__).parent.parent / "grafana"
 DASHBOARD = json.loads((GRAFANA / "kwollect_dashboard.json").read_text())
