@@ -125,7 +125,7 @@ def test_roles_log_in_with_their_passwords(pg_cluster, kwdb, role, password):
 def test_archive_moves_old_partitions(pg_cluster, tmp_path):
     # beside the cluster's own files: pytest's tmp_path is private to root
     archive = pg_cluster.base / "archive"
-    archive.mkdir()
+    archive.mkdir(exist_ok=True)  # tests/test_timescaledb.py archives chunks there too
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(archive, user.pw_uid, user.pw_gid)

@@ -136,8 +136,8 @@ async def test_compression_is_lossless_and_transparent(tsdb):
 
 @needs_timescaledb
 def test_archive_moves_old_chunks_with_their_compressed_data(pg_cluster, tmp_path):
-    archive = pg_cluster.base / "archive-ts"
-    archive.mkdir()
+    archive = pg_cluster.base / "archive"  # a tablespace is the cluster's: the same as
+    archive.mkdir(exist_ok=True)           # tests/test_setup_db.py's
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(archive, user.pw_uid, user.pw_gid)
@@ -229,8 +229,9 @@ def test_switching_storages_both_ways_loses_nothing(pg_cluster, tmp_path, capsys
     assert asyncio.run(state()) == (rows, api, "timescaledb")
     assert pg_cluster.psql("SELECT count(*) FROM kwollect.samples_compact",
                            database=name).strip() == "0"
-    assert "t" == pg_cluster.psql(  # old chunks were compressed by the setup's maintain()
-        "SELECT bool_or(is_compressed) FROM timescaledb_information.chunks", database=name).strip()
+    assert pg_cluster.psql(  # old chunks were compressed by the setup's maintain()
+        "SELECT bool_or(is_compressed) FROM timescaledb_information.chunks",
+        database=name).strip() == "t"
     assert run_setup(pg_cluster, tmp_path, database=name) == 0  # auto keeps it
     assert asyncio.run(state()) == (rows, api, "timescaledb")
 
