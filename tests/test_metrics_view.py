@@ -131,3 +131,31 @@ async def test_roles_switched_in_one_session_share_its_inbox(admin):
     finally:
         await admin.execute("RESET ROLE")
     assert await admin.fetchval("SELECT count(*) FROM metrics WHERE device_id = 'mv-role'") == 2
+
+
+async def test_prepare_transaction_after_writing_into_the_view_is_refused(writer):
+    """The view's inbox is a temporary table, and PostgreSQL cannot PREPARE a transaction that
+    used one: such a transaction is refused and rolled back, with the reason; transactions of
+    the same session that do not write into the view prepare normally, and a transaction that
+    must be prepared writes into kwollect.samples through kwollect.series_ids."""
+    t = datetime(2018, 7, 1, tzinfo=UTC)
+    count = "SELECT count(*) FROM metrics WHERE device_id = 'mv-2pc'"
+    await writer.execute("BEGIN")
+    await writer.execute("INSERT INTO metrics VALUES ($1, 'mv-2pc', 'm', 1, '{}')", t)
+    with pytest.raises(asyncpg.FeatureNotSupportedError,
+                       match="cannot PREPARE a transaction that has operated on temporary"):
+        await writer.execute("PREPARE TRANSACTION 'kwollect-test-view'")
+    assert not writer.is_in_transaction()
+    assert await writer.fetchval(count) == 0
+    assert await writer.fetchval(
+        "SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'kwollect-test-view'") == 0
+    # the same session, the documented way for a prepared transaction
+    await writer.execute("BEGIN")
+    await writer.execute("SELECT kwollect.ensure_partitions(ARRAY[$1::timestamptz])", t)
+    await writer.execute(
+        "INSERT INTO kwollect.samples (ts, value, series_id) "
+        "SELECT $1, 2, (kwollect.series_ids(ARRAY['mv-2pc'], ARRAY['m'], ARRAY['{}'::jsonb]))[1]",
+        t + timedelta(seconds=1))
+    await writer.execute("PREPARE TRANSACTION 'kwollect-test-samples'")
+    await writer.execute("COMMIT PREPARED 'kwollect-test-samples'")
+    assert await writer.fetchval(count) == 1
