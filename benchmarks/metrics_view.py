@@ -15,6 +15,13 @@ copy_records_to_table), a text COPY (psql \\copy, CSV), and multi-row INSERTs of
 rows.  It prints the median rows/s and the server CPU per row (read from /proc for the
 backend), which is robust to other load on the machine.
 
+Then, for the binary COPY, where a row's cost goes (the ceiling of any trigger design):
+kwollect.samples written directly with the series ids known (the storage's own cost, what
+the collectors pay), the view with a row trigger that only returns NEW (the cheapest
+INSTEAD OF trigger: rows dropped), the view with the row trigger parking rows but no
+statement trigger, and the view as it is.  The trigger variants are swapped in inside a
+transaction that is rolled back.
+
 Usage: .venv/bin/python benchmarks/metrics_view.py [--rows 300000] [--rounds 3]
 """
 
@@ -51,6 +58,16 @@ CREATE INDEX metrics_alias_idx ON reference ((labels->>'_device_alias'), "timest
     WHERE labels ? '_device_alias';
 """
 INSERT_ROWS = 1000
+ROW_TRIGGER_ONLY = """
+CREATE OR REPLACE FUNCTION kwollect.metrics_insert_row() RETURNS trigger
+LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE OR REPLACE FUNCTION kwollect.metrics_insert_statement() RETURNS trigger
+LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+"""
+NO_STATEMENT_TRIGGER = """
+CREATE OR REPLACE FUNCTION kwollect.metrics_insert_statement() RETURNS trigger
+LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+"""
 
 
 def make_rows(devices: int, count: int, first_second: int) -> list[tuple]:
@@ -122,6 +139,69 @@ async def measure(conn: asyncpg.Connection, table: str, method: str,
     return len(rows) / elapsed, cpu
 
 
+class RolledBack(Exception):
+    """Ends a measuring transaction whose changes must not stay."""
+
+
+async def floor_step(conn: asyncpg.Connection, swap: str | None,
+                     records: list[tuple]) -> float | None:
+    """Server CPU per row of a binary COPY into the view (`swap` replaces trigger functions
+    for the transaction only), or into kwollect.samples when records are narrow."""
+    pid = await conn.fetchval("SELECT pg_backend_pid()")
+    cpu0 = backend_cpu(pid)
+    cpu1 = None
+    try:
+        async with conn.transaction():
+            if swap:
+                await conn.execute(swap)
+            if len(records[0]) == 3:
+                await conn.copy_records_to_table("samples", schema_name="kwollect",
+                                                 records=records,
+                                                 columns=["ts", "value", "series_id"])
+            else:
+                await conn.copy_records_to_table("metrics", records=records, columns=COLUMNS)
+            cpu1 = backend_cpu(pid)
+            raise RolledBack
+    except RolledBack:
+        pass
+    return None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / len(records) * 1e6
+
+
+async def floor(kw: asyncpg.Connection, ref: asyncpg.Connection, args: argparse.Namespace,
+                rows_count: int, offset: int) -> None:
+    rows = make_rows(args.devices, rows_count, offset)
+    keys = sorted({(d, m, lab) for _, d, m, _, lab in rows})
+    ids = await kw.fetchval("SELECT kwollect.series_ids($1::text[], $2::text[], $3::jsonb[])",
+                            [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+    series = dict(zip(keys, ids, strict=True))
+    narrow = [(ts, value, series[(d, m, lab)]) for ts, d, m, value, lab in rows]
+    await kw.execute("SELECT kwollect.ensure_partitions($1::timestamptz[])",
+                     [rows[0][0], rows[-1][0]])
+    steps: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for name, conn, swap, records in (
+                ("bare table", ref, None, None),
+                ("kwollect.samples, series ids known (collectors' path)", kw, None, narrow),
+                ("view, row trigger returning NEW only (rows dropped)", kw, ROW_TRIGGER_ONLY,
+                 rows),
+                ("view, row trigger parking rows, no statement trigger", kw,
+                 NO_STATEMENT_TRIGGER, rows),
+                ("view as it is", kw, "", rows)):
+            if records is None:
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+                cpu0 = backend_cpu(pid)
+                await copy_binary(conn, "bare", rows)
+                cpu1 = backend_cpu(pid)
+                cpu = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / len(rows) * 1e6
+            else:
+                cpu = await floor_step(conn, swap, records)
+            if cpu is not None:
+                steps.setdefault(name, []).append(cpu)
+    print("\nbinary COPY, where a row's server CPU goes (median):")
+    for name, cpus in steps.items():
+        print(f"  {name:58s} {statistics.median(cpus):6.2f} us/row")
+
+
 async def run(args: argparse.Namespace) -> None:
     cluster = PrivateCluster(settings={"shared_buffers": "1GB", "max_wal_size": "20GB",
                                        "checkpoint_timeout": "30min"}).start()
@@ -160,6 +240,7 @@ async def run(args: argparse.Namespace) -> None:
                 cpu = f"{statistics.median(cpus):6.2f} us/row" if cpus else "n/a"
                 print(f"  {name:22s} {rate:10,.0f} rows/s  ({rate / bare:4.0%} of bare)  "
                       f"server CPU {cpu}")
+        await floor(kw, ref, args, rows_count, offset)
         await kw.close()
         await ref.close()
     finally:
