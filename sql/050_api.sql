@@ -292,6 +292,9 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
       -- page per row: run-time parameters hide how many rows match.
       AND ((x.series_id = ANY (p_own_ids) AND kwollect.minute_key(x.ts) BETWEEN p_k_lo AND p_k_hi)
            OR (x.series_id = ANY ('{}'::integer[]) AND kwollect.minute_key(x.ts) = 0))
+      -- The same series again, outside the OR: TimescaleDB reads only the compressed
+      -- batches of these series (segmentby), instead of decompressing every series' batches.
+      AND x.series_id = ANY (p_own_ids)
       AND x.ts >= p_lo AND x.ts < p_hi AND x.ts <= p_t1
     UNION ALL
     SELECT d.ts, p_own_ranks[c.series_id - p_own_base + 1], d.value, c.series_id, false, NULL
