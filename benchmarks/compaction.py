@@ -32,16 +32,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import asyncpg
 
-from writer_throughput import build, feed  # benchmarks/ is the script's directory
-
 from kwollect.dev.devcluster import PrivateCluster, missing_extension_reason
 from kwollect.store.setupdb import DEFAULTS, setup
 from kwollect.store.writer import Writer, WriterOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.writer_throughput import build, feed  # noqa: E402
 
 START = "2025-01-06 00:00:00+00"
 WRITER_PASSWORD = "bench-writer"
@@ -102,7 +105,8 @@ async def relation_bytes(conn: asyncpg.Connection, sql: str) -> int:
 
 
 PART_SQL = ("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_inherits i "
-            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'kwollect.samples'::regclass")
+            "JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'kwollect.samples'::regclass")
 HYPER_SQL = "SELECT public.hypertable_size('kwollect.samples')"
 COMPACT_SQL = "SELECT pg_total_relation_size('kwollect.samples_compact')"
 
@@ -229,7 +233,7 @@ async def continuous_aggregate(conn: asyncpg.Connection,
                        f"timestamptz '{START}' + interval '{args.hours} hours')")
     refresh = time.perf_counter() - t0
     read = await client_time(
-        conn, "SELECT c.bucket, s.device_id, s.metric_id, c.avg, s.labels FROM bench_cagg c "
+        conn, "SELECT c.bucket, s.device_id, s.metric_id, c.avg, s.labels FROM bench_cagg c "  # noqa: S608
               "JOIN kwollect.series s USING (series_id) WHERE s.metric_id = "
               f"'bmc_node_power_watt' AND c.bucket >= '{START}' AND c.bucket < "
               f"timestamptz '{START}' + interval '{args.hours} hours' ORDER BY 1, 2",
