@@ -89,6 +89,62 @@ BEGIN
     END LOOP;
 END $$;
 
+-- get_metrics' summary takes a boolean (true: 5-minute summaries, as in Kwollect 1.x) or a
+-- word: '5min', '1h' (the 1-hour rollup, for ranges of months), or the boolean words; the
+-- same enum-with-casts as as_rate.  kwollect.parse_summary gives 'raw', '5min' or '1h'.
+CREATE OR REPLACE FUNCTION kwollect.parse_summary(p_text text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_text IS NULL OR lower(btrim(p_text)) IN ('', 'false', 'f', '0', 'no', 'off') THEN
+        RETURN 'raw';
+    ELSIF lower(btrim(p_text)) IN ('true', 't', '1', 'yes', 'on', '5min') THEN
+        RETURN '5min';
+    ELSIF lower(btrim(p_text)) = '1h' THEN
+        RETURN '1h';
+    END IF;
+    RAISE EXCEPTION 'invalid summary: %', p_text
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Use false (raw samples), true or 5min (5-minute summaries), or 1h '
+                     '(1-hour rollups).';
+END $$;
+
+DO $$
+BEGIN
+    IF to_regtype('api.summary_mode') IS NULL THEN
+        CREATE TYPE api.summary_mode AS ENUM ('false', 'true', '5min', '1h', 'f', 't', '0', '1',
+                                              'no', 'yes', 'off', 'on');
+    END IF;
+END $$;
+COMMENT ON TYPE api.summary_mode IS
+    'get_metrics summary: false (raw samples), true or 5min (5-minute summaries), 1h (1-hour '
+    'rollups); also a boolean.';
+
+CREATE OR REPLACE FUNCTION kwollect.summary_mode(p_flag boolean) RETURNS api.summary_mode
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_flag THEN 'true'::api.summary_mode ELSE 'false'::api.summary_mode END
+$$;
+
+CREATE OR REPLACE FUNCTION kwollect.summary_mode(p_text text) RETURNS api.summary_mode
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE kwollect.parse_summary(p_text)
+               WHEN '5min' THEN '5min'::api.summary_mode
+               WHEN '1h' THEN '1h'::api.summary_mode
+               ELSE 'false'::api.summary_mode END
+$$;
+
+DO $$
+DECLARE
+    source regtype;
+BEGIN
+    FOREACH source IN ARRAY ARRAY['boolean'::regtype, 'text'::regtype] LOOP
+        IF NOT EXISTS (SELECT FROM pg_cast WHERE castsource = source
+                       AND casttarget = 'api.summary_mode'::regtype) THEN
+            EXECUTE format('CREATE CAST (%s AS api.summary_mode) '
+                           'WITH FUNCTION kwollect.summary_mode(%s) AS IMPLICIT', source, source);
+        END IF;
+    END LOOP;
+END $$;
+
 -- What a get_metrics call asks for: its time window and its device and metric lists.
 CREATE OR REPLACE FUNCTION kwollect.metrics_request(
     p_job_id integer, p_nodes text, p_devices text, p_metrics text,
@@ -275,22 +331,23 @@ $$;
 -- [p_lo, p_hi) and not after p_t1.  Own rows are read by one bitmap scan per partition
 -- over all requested series (each heap page once); alias rows are summed per timestamp,
 -- with series_id one of their sources and orig the sorted list of sources (_device_orig).
+DROP FUNCTION IF EXISTS kwollect.metrics_chunk(integer[], integer, integer[], integer[], integer,
+                                              integer[], integer, integer, timestamptz,
+                                              timestamptz, timestamptz, boolean);
 CREATE OR REPLACE FUNCTION kwollect.metrics_chunk(
     p_own_ids integer[], p_own_base integer, p_own_ranks integer[],
     p_alias_ids integer[], p_alias_base integer, p_alias_ranks integer[],
-    p_k_lo integer, p_k_hi integer, p_lo timestamptz, p_hi timestamptz, p_t1 timestamptz,
-    p_summary boolean)
+    p_k_lo integer, p_k_hi integer, p_lo timestamptz, p_hi timestamptz, p_t1 timestamptz)
 RETURNS TABLE (ts timestamptz, rank integer, value double precision, series_id integer,
                via_alias boolean, orig jsonb)
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT x.ts, p_own_ranks[x.series_id - p_own_base + 1], x.value, x.series_id,
            false, NULL::jsonb
     FROM kwollect.samples x
-    WHERE NOT p_summary
-      -- The OR (whose second arm matches nothing) makes the planner read the heap with a
-      -- bitmap scan, in physical order, instead of an index scan that would visit one heap
-      -- page per row: run-time parameters hide how many rows match.
-      AND ((x.series_id = ANY (p_own_ids) AND kwollect.minute_key(x.ts) BETWEEN p_k_lo AND p_k_hi)
+    -- The OR (whose second arm matches nothing) makes the planner read the heap with a
+    -- bitmap scan, in physical order, instead of an index scan that would visit one heap
+    -- page per row: run-time parameters hide how many rows match.
+    WHERE ((x.series_id = ANY (p_own_ids) AND kwollect.minute_key(x.ts) BETWEEN p_k_lo AND p_k_hi)
            OR (x.series_id = ANY ('{}'::integer[]) AND kwollect.minute_key(x.ts) = 0))
       -- The same series again, outside the OR: TimescaleDB reads only the compressed
       -- batches of these series (segmentby), instead of decompressing every series' batches.
@@ -299,7 +356,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     UNION ALL
     SELECT d.ts, p_own_ranks[c.series_id - p_own_base + 1], d.value, c.series_id, false, NULL
     FROM kwollect.samples_compact c CROSS JOIN LATERAL kwollect.block_samples(c) d
-    WHERE NOT p_summary AND c.series_id = ANY (p_own_ids)
+    WHERE c.series_id = ANY (p_own_ids)
       AND c.block_start > p_lo - interval '1 hour' AND c.block_start < p_hi
       AND d.ts >= p_lo AND d.ts < p_hi AND d.ts <= p_t1
     UNION ALL
@@ -314,24 +371,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
           WHERE c.series_id = ANY (p_alias_ids)
             AND c.block_start > p_lo - interval '1 hour' AND c.block_start < p_hi) s
     JOIN kwollect.series se ON se.series_id = s.series_id
-    WHERE NOT p_summary
-      AND s.ts >= p_lo AND s.ts < p_hi AND s.ts <= p_t1
-    GROUP BY 1, 2
-    UNION ALL
-    SELECT su.bucket, p_own_ranks[su.series_id - p_own_base + 1],
-           kwollect.summary_value(se.metric_id, su.avg, su.max), su.series_id, false, NULL
-    FROM kwollect.summary su
-    JOIN kwollect.series se ON se.series_id = su.series_id
-    WHERE p_summary AND su.series_id = ANY (p_own_ids)
-      AND su.bucket >= p_lo AND su.bucket < p_hi AND su.bucket <= p_t1
-    UNION ALL
-    SELECT su.bucket, p_alias_ranks[su.series_id - p_alias_base + 1],
-           sum(kwollect.summary_value(se.metric_id, su.avg, su.max)), min(su.series_id), true,
-           jsonb_agg(DISTINCT se.device_id)
-    FROM kwollect.summary su
-    JOIN kwollect.series se ON se.series_id = su.series_id
-    WHERE p_summary AND su.series_id = ANY (p_alias_ids)
-      AND su.bucket >= p_lo AND su.bucket < p_hi AND su.bucket <= p_t1
+    WHERE s.ts >= p_lo AND s.ts < p_hi AND s.ts <= p_t1
     GROUP BY 1, 2
 $$;
 
@@ -374,10 +414,13 @@ $$;
 
 DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, boolean);
 DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, text);
+DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean,
+                                        api.as_rate_mode);
 -- Rows come in (timestamp, series rank) order by construction: the window is read chunk
 -- by chunk (a lateral join on ascending minute keys, so a nested loop), each chunk's
 -- narrow rows sorted in memory, and the text columns added by a memoized look-up that
 -- keeps that order.  No sort of the whole result, so the first rows stream at once.
+-- Summaries (a few rows per series and hour) are read and sorted in one piece.
 -- Rates need each series in time order first: that branch sorts the whole window.
 CREATE OR REPLACE FUNCTION api.get_metrics(
     job_id integer DEFAULT NULL,
@@ -386,15 +429,31 @@ CREATE OR REPLACE FUNCTION api.get_metrics(
     metrics text DEFAULT NULL,
     start_time text DEFAULT NULL,
     end_time text DEFAULT NULL,
-    summary boolean DEFAULT false,
+    summary api.summary_mode DEFAULT 'false',
     as_rate api.as_rate_mode DEFAULT 'false')
 RETURNS TABLE ("timestamp" timestamptz, device_id text, metric_id text,
                value double precision, labels jsonb)
 LANGUAGE sql STABLE AS $$
     WITH plan AS MATERIALIZED (
-        SELECT p.*, kwollect.parse_as_rate(as_rate::text) AS rate_mode
+        SELECT p.*, kwollect.parse_as_rate(as_rate::text) AS rate_mode,
+               kwollect.parse_summary(summary::text) AS level
         FROM kwollect.metrics_plan(job_id, nodes, devices, metrics, start_time, end_time,
-                                   summary) p
+                                   kwollect.parse_summary(summary::text) <> 'raw') p
+    ), win AS (  -- the rows of the whole window, unsorted, for rates
+        SELECT m.*, plan.rate_mode
+        FROM plan
+        CROSS JOIN LATERAL kwollect.metrics_chunk(
+            plan.own_ids, plan.own_base, plan.own_ranks,
+            plan.alias_ids, plan.alias_base, plan.alias_ranks,
+            plan.k0, plan.k1, plan.t0, 'infinity', plan.t1) m
+        WHERE plan.level = 'raw'
+        UNION ALL
+        SELECT m.*, plan.rate_mode
+        FROM plan
+        CROSS JOIN LATERAL kwollect.summary_window(
+            plan.own_ids, plan.own_base, plan.own_ranks,
+            plan.alias_ids, plan.alias_base, plan.alias_ranks, plan.t0, plan.t1, plan.level) m
+        WHERE plan.level <> 'raw'
     )
     SELECT n.ts,
            CASE WHEN n.via_alias THEN se.device_alias ELSE se.device_id END,
@@ -420,26 +479,30 @@ LANGUAGE sql STABLE AS $$
             FROM kwollect.metrics_chunk(
                 plan.own_ids, plan.own_base, plan.own_ranks,
                 plan.alias_ids, plan.alias_base, plan.alias_ranks,
-                chunk.k, chunk.k_hi, chunk.lo, chunk.hi, plan.t1, coalesce(summary, false)) m
+                chunk.k, chunk.k_hi, chunk.lo, chunk.hi, plan.t1) m
             ORDER BY m.ts, m.rank
         ) c
-        WHERE plan.rate_mode = 'no'
+        WHERE plan.rate_mode = 'no' AND plan.level = 'raw'
+        UNION ALL
+        (SELECT m.ts, m.value, NULL, m.series_id, m.via_alias, m.orig, 'no'
+         FROM plan
+         CROSS JOIN LATERAL kwollect.summary_window(
+             plan.own_ids, plan.own_base, plan.own_ranks,
+             plan.alias_ids, plan.alias_base, plan.alias_ranks, plan.t0, plan.t1, plan.level) m
+         WHERE plan.rate_mode = 'no' AND plan.level <> 'raw'
+         ORDER BY m.ts, m.rank)
         UNION ALL
         (SELECT w.ts, w.value,
                 kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts),
                 w.series_id, w.via_alias, w.orig, w.rate_mode
          FROM (
-             SELECT m.*, plan.rate_mode,
+             SELECT m.*,
                     lag(m.value) OVER series AS prev,
                     lag(m.ts) OVER series AS prev_ts,
                     max(m.value) OVER (series ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
                         AS running_max
-             FROM plan
-             CROSS JOIN LATERAL kwollect.metrics_chunk(
-                 plan.own_ids, plan.own_base, plan.own_ranks,
-                 plan.alias_ids, plan.alias_base, plan.alias_ranks,
-                 plan.k0, plan.k1, plan.t0, 'infinity', plan.t1, coalesce(summary, false)) m
-             WHERE plan.rate_mode <> 'no'
+             FROM win m
+             WHERE m.rate_mode <> 'no'
              WINDOW series AS (PARTITION BY m.rank ORDER BY m.ts)
          ) w
          ORDER BY w.ts, w.rank)
@@ -450,11 +513,12 @@ LANGUAGE sql STABLE AS $$
         LIMIT 1
     ) se
 $$;
-COMMENT ON FUNCTION api.get_metrics(integer, text, text, text, text, text, boolean,
+COMMENT ON FUNCTION api.get_metrics(integer, text, text, text, text, text, api.summary_mode,
                                    api.as_rate_mode) IS
     'Samples of devices (or of a job''s nodes) between start_time and end_time, both '
     'inclusive, ordered by timestamp, device_id, metric_id and labels. '
-    'summary=true: 5-minute summaries. as_rate=true|auto: per-second rate of counters.';
+    'summary=true (or 5min): 5-minute summaries; summary=1h: 1-hour rollups, for ranges of '
+    'months. as_rate=true|auto: per-second rate of counters.';
 
 -- Devices and metrics with data in the minute before `at` (for Grafana's variables).
 -- params: {"devices": [...]} and/or {"job_id": "1234"} (the reference's form), or the plain

@@ -22,16 +22,18 @@ BEGIN
 
     EXECUTE format('GRANT USAGE ON SCHEMA public, kwollect, api TO %I, %I', writer, reader);
     EXECUTE format('GRANT SELECT ON public.metrics, public.metrics_by_device, '
-                   'public.metrics_by_device_summary, public.metrics_by_job, '
+                   'public.metrics_by_device_summary, public.metrics_by_device_summary_1h, '
+                   'public.metrics_summary_1h, public.metrics_by_job, '
                    'public.metrics_by_job_summary, public.metrics_summary, public.jobmetrics, '
                    'public.promoted_metrics, public.nodetime_per_job, public.nodetime_by_job, '
                    'public.promoted_metrics_job TO %I, %I', writer, reader);
     EXECUTE format('GRANT SELECT ON kwollect.series, kwollect.samples, kwollect.summary, '
+                   'kwollect.summary_1h, kwollect.summaries, kwollect.summaries_by_device, '
                    'kwollect.summary_state, kwollect.summary_dirty, kwollect.settings, '
                    'kwollect.partitions, kwollect.samples_compact, kwollect.jobmetrics_requests TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA kwollect TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
-                   'api.get_metrics(integer, text, text, text, text, text, boolean, '
+                   'api.get_metrics(integer, text, text, text, text, text, api.summary_mode, '
                    'api.as_rate_mode), '
                    'api.available_metrics, api.get_job_metrics, api.unknown_ids TO %I, %I',
                    writer, reader);

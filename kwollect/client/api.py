@@ -92,9 +92,11 @@ class Client:
                     nodes: Iterable[str] | str | None = None,
                     metrics: Iterable[str] | str | None = None,
                     start_time: datetime | str | float | None = None,
-                    end_time: datetime | str | float | None = None, summary: bool = False,
+                    end_time: datetime | str | float | None = None,
+                    summary: bool | str = False,
                     as_rate: bool | str = False) -> Iterator[dict[str, Any]]:
-        """Samples as dicts with `timestamp` a timezone-aware datetime and `value` a float."""
+        """Samples as dicts with `timestamp` a timezone-aware datetime and `value` a float.
+        summary: True (or "5min") for 5-minute summaries, "1h" for 1-hour rollups."""
         params = {"job_id": job_id, "devices": devices, "nodes": nodes, "metrics": metrics,
                   "start_time": start_time, "end_time": end_time,
                   "summary": summary or None, "as_rate": as_rate or None}

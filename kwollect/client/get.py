@@ -37,8 +37,9 @@ def add_selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", help="comma-separated metric ids (default: all)")
     parser.add_argument("--start", help="start time: ISO 8601 (UTC if no offset) or epoch s")
     parser.add_argument("--end", help="end time, same forms (default: now, or the job's end)")
-    parser.add_argument("--summary", action="store_true",
-                        help="5-minute summaries instead of raw samples")
+    parser.add_argument("--summary", nargs="?", const="5min", choices=["5min", "1h"],
+                        help="summaries instead of raw samples: 5-minute (the default) or "
+                             "1-hour (1h, for ranges of months)")
     parser.add_argument("--as-rate", choices=["auto", "true"],
                         help="per-second rates: of *_total counters (auto) or of every metric")
 
