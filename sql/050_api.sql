@@ -76,19 +76,6 @@ LANGUAGE sql IMMUTABLE AS $$
                ELSE 'false'::api.as_rate_mode END
 $$;
 
-DO $$
-DECLARE
-    source regtype;
-BEGIN
-    FOREACH source IN ARRAY ARRAY['boolean'::regtype, 'text'::regtype] LOOP
-        IF NOT EXISTS (SELECT FROM pg_cast WHERE castsource = source
-                       AND casttarget = 'api.as_rate_mode'::regtype) THEN
-            EXECUTE format('CREATE CAST (%s AS api.as_rate_mode) '
-                           'WITH FUNCTION kwollect.as_rate_mode(%s) AS IMPLICIT', source, source);
-        END IF;
-    END LOOP;
-END $$;
-
 -- get_metrics' summary takes a boolean (true: 5-minute summaries, as in Kwollect 1.x) or a
 -- word: '5min', '1h' (the 1-hour rollup, for ranges of months), or the boolean words; the
 -- same enum-with-casts as as_rate.  kwollect.parse_summary gives 'raw', '5min' or '1h'.
@@ -132,16 +119,21 @@ LANGUAGE sql IMMUTABLE AS $$
                ELSE 'false'::api.summary_mode END
 $$;
 
+-- The implicit casts of both enums, from boolean and from text.
 DO $$
 DECLARE
+    mode   text;
     source regtype;
 BEGIN
-    FOREACH source IN ARRAY ARRAY['boolean'::regtype, 'text'::regtype] LOOP
-        IF NOT EXISTS (SELECT FROM pg_cast WHERE castsource = source
-                       AND casttarget = 'api.summary_mode'::regtype) THEN
-            EXECUTE format('CREATE CAST (%s AS api.summary_mode) '
-                           'WITH FUNCTION kwollect.summary_mode(%s) AS IMPLICIT', source, source);
-        END IF;
+    FOREACH mode IN ARRAY ARRAY['as_rate_mode', 'summary_mode'] LOOP
+        FOREACH source IN ARRAY ARRAY['boolean'::regtype, 'text'::regtype] LOOP
+            IF NOT EXISTS (SELECT FROM pg_cast WHERE castsource = source
+                           AND casttarget = format('api.%I', mode)::regtype) THEN
+                EXECUTE format('CREATE CAST (%s AS api.%I) '
+                               'WITH FUNCTION kwollect.%I(%s) AS IMPLICIT',
+                               source, mode, mode, source);
+            END IF;
+        END LOOP;
     END LOOP;
 END $$;
 
