@@ -163,6 +163,12 @@ HELP: dict[str, str] = {
                      "(mode 0640; default: kwollect when that group exists; none: root only, 0600)",
     "api_db_host": "database host written into the API configuration (default: db_host, or "
                    "localhost for a unix socket)",
+    "citus": "run on a Citus coordinator: samples and summaries distributed by series over "
+             "citus_workers, series a reference table (docs/scaling.md)",
+    "citus_workers": "host:port[,host:port...] of the Citus workers (setup creates the roles, "
+                     "database and extension there as db_admin, and registers them)",
+    "citus_coordinator": "host:port at which the workers reach this coordinator (default: "
+                         "db_host:db_port when db_host is not a unix socket)",
 }
 
 

@@ -107,3 +107,34 @@ BEGIN
 EXCEPTION WHEN numeric_value_out_of_range THEN
     RETURN CASE WHEN a < 0 THEN '-Infinity'::double precision ELSE 'Infinity' END;
 END $$;
+
+-- Citus (kwollect-setup-db --citus, setting citus = on): each table that grows with the
+-- samples is distributed as soon as it is created, by series_id and co-located with
+-- kwollect.samples ('reference': copied to every node; 'coordinator': kept on the
+-- coordinator, known to Citus so that views may join it with distributed tables), before
+-- any view or function uses its row type (Citus cannot distribute a table that such
+-- objects already depend on).
+-- Without Citus it does nothing.
+CREATE OR REPLACE FUNCTION kwollect.distribute(p_table regclass, p_column text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    done boolean;
+BEGIN
+    IF coalesce(kwollect.setting('citus'), 'off') <> 'on' THEN
+        RETURN;
+    END IF;
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = $1)'
+        INTO done USING p_table;
+    IF done THEN
+        RETURN;
+    ELSIF p_column = 'reference' THEN
+        EXECUTE 'SELECT create_reference_table($1)' USING p_table;
+    ELSIF p_column = 'coordinator' THEN
+        EXECUTE 'SELECT citus_add_local_table_to_metadata($1)' USING p_table;
+    ELSE
+        EXECUTE format('SELECT create_distributed_table($1, %L, colocate_with => %L)', p_column,
+                       CASE WHEN p_table = 'kwollect.samples'::regclass THEN 'default'
+                            ELSE 'kwollect.samples' END)
+            USING p_table;
+    END IF;
+END $$;

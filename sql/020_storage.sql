@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS kwollect.series (
 CREATE INDEX IF NOT EXISTS series_alias_idx ON kwollect.series (device_alias, metric_id)
     WHERE device_alias IS NOT NULL;
 CREATE INDEX IF NOT EXISTS series_metric_idx ON kwollect.series (metric_id);
+SELECT kwollect.distribute('kwollect.series', 'reference');
 
 -- Created once, for the storage kwollect-setup-db chose (switching storages:
 -- kwollect.switch_storage_begin in 022).  Chunks of a hypertable are aligned like our
@@ -88,6 +89,7 @@ $$;
 
 CREATE INDEX IF NOT EXISTS samples_series_minute_idx
     ON kwollect.samples (series_id, kwollect.minute_key(ts));
+SELECT kwollect.distribute('kwollect.samples', 'series_id');
 
 -- Safety net: a row whose partition does not exist yet lands here instead of failing;
 -- kwollect.maintain() moves such rows to their own partition.
@@ -265,11 +267,14 @@ BEGIN
             USING ERRCODE = 'string_data_right_truncation',
                   HINT = 'device_id and metric_id hold at most 255 characters.';
     END IF;
+    -- (An anti-join rather than NOT EXISTS: Citus refuses a correlated subquery beside a
+    -- set-returning function.)
     INSERT INTO kwollect.series (device_id, metric_id, labels)
     SELECT DISTINCT u.d, u.m, coalesce(u.l, '{}')
     FROM unnest(p_device, p_metric, p_labels) AS u(d, m, l)
-    WHERE NOT EXISTS (SELECT 1 FROM kwollect.series s
-                      WHERE s.device_id = u.d AND s.metric_id = u.m AND s.labels = coalesce(u.l, '{}'))
+    LEFT JOIN kwollect.series s
+      ON s.device_id = u.d AND s.metric_id = u.m AND s.labels = coalesce(u.l, '{}')
+    WHERE s.series_id IS NULL
     ON CONFLICT ON CONSTRAINT series_identity DO NOTHING;
     SELECT array_agg(s.series_id ORDER BY u.ord) INTO result
     FROM unnest(p_device, p_metric, p_labels) WITH ORDINALITY AS u(d, m, l, ord)

@@ -67,20 +67,34 @@ CREATE INDEX IF NOT EXISTS samples_compact_block_idx ON kwollect.samples_compact
 ALTER TABLE kwollect.samples_compact
     ALTER COLUMN t_gap SET COMPRESSION lz4, ALTER COLUMN t_jit SET COMPRESSION lz4,
     ALTER COLUMN v_off SET COMPRESSION lz4, ALTER COLUMN v_raw SET COMPRESSION lz4;
+SELECT kwollect.distribute('kwollect.samples_compact', 'series_id');
 
 ALTER TABLE kwollect.partitions ADD COLUMN IF NOT EXISTS compacted_at timestamptz;
 
--- The samples of one block, in time order (ties in their stored order).
+-- The samples of one block, in time order (ties in their stored order), from its columns.
+CREATE OR REPLACE FUNCTION kwollect.block_decode(
+    p_n integer, p_t0 timestamptz, p_unit bigint, p_period bigint,
+    p_gap kwollect.int_stream, p_jit kwollect.int_stream, p_div double precision,
+    p_first bigint, p_last bigint, p_off kwollect.int_stream, p_raw double precision[])
+RETURNS TABLE (ts timestamptz, value double precision)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_t0 + ((u.i - 1 + u.g) * p_period + u.r) * p_unit * interval '1 microsecond',
+           coalesce(u.raw, (p_first + u.o + round((u.i - 1)::double precision
+                                                 * (p_last - p_first)
+                                                 / greatest(p_n - 1, 1))::bigint)::double precision
+                           / p_div)
+    FROM unnest(kwollect.unpack_ints(p_gap), kwollect.unpack_ints(p_jit),
+                kwollect.unpack_ints(p_off), p_raw) WITH ORDINALITY AS u(g, r, o, raw, i)
+$$;
+
+-- The same, from a block row.  Views call block_decode with the columns: on Citus, a view
+-- over the distributed blocks that passed their row to a function of their row type would
+-- be a dependency cycle Citus 13 refuses.
 CREATE OR REPLACE FUNCTION kwollect.block_samples(c kwollect.samples_compact)
 RETURNS TABLE (ts timestamptz, value double precision)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT c.t0 + ((u.i - 1 + u.g) * c.t_period + u.r) * c.t_unit * interval '1 microsecond',
-           coalesce(u.raw, (c.v_first + u.o + round((u.i - 1)::double precision
-                                                   * (c.v_last - c.v_first)
-                                                   / greatest(c.n - 1, 1))::bigint)::double precision
-                           / c.v_div)
-    FROM unnest(kwollect.unpack_ints(c.t_gap), kwollect.unpack_ints(c.t_jit),
-                kwollect.unpack_ints(c.v_off), c.v_raw) WITH ORDINALITY AS u(g, r, o, raw, i)
+    SELECT * FROM kwollect.block_decode(c.n, c.t0, c.t_unit, c.t_period, c.t_gap, c.t_jit,
+                                        c.v_div, c.v_first, c.v_last, c.v_off, c.v_raw)
 $$;
 
 -- Every sample, raw or compacted (no time bound reaches the blocks: readers with a time
@@ -89,7 +103,9 @@ CREATE OR REPLACE VIEW kwollect.samples_all AS
 SELECT s.ts, s.value, s.series_id FROM kwollect.samples s
 UNION ALL
 SELECT d.ts, d.value, c.series_id
-FROM kwollect.samples_compact c CROSS JOIN LATERAL kwollect.block_samples(c) d;
+FROM kwollect.samples_compact c
+CROSS JOIN LATERAL kwollect.block_decode(c.n, c.t0, c.t_unit, c.t_period, c.t_gap, c.t_jit,
+                                         c.v_div, c.v_first, c.v_last, c.v_off, c.v_raw) d;
 
 -- Every sample in [p_lo, p_hi), raw or compacted, of the series p_series (all when NULL).
 CREATE OR REPLACE FUNCTION kwollect.samples_between(p_lo timestamptz, p_hi timestamptz,

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS kwollect.summary (
     PRIMARY KEY (series_id, bucket)
 );
 CREATE INDEX IF NOT EXISTS summary_bucket_idx ON kwollect.summary (bucket);
+SELECT kwollect.distribute('kwollect.summary', 'series_id');
 
 CREATE TABLE IF NOT EXISTS kwollect.summary_state (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -104,10 +105,12 @@ END $$;
 
 -- Where fresh summarizing starts or resumes: `p_from`, or when no sample lies between
 -- p_from and the next partition, that partition's start (so years without data are skipped
--- at the cost of one catalogue lookup).
+-- at the cost of one catalogue lookup).  PL/pgSQL: Citus cannot plan a SQL function's
+-- parameters in a query of a distributed table (the default partition).
 CREATE OR REPLACE FUNCTION kwollect.next_data_start(p_from timestamptz) RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
-    SELECT CASE
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN CASE
         WHEN p_from IS NULL THEN
             kwollect.bucket_of(least((SELECT min(range_start) FROM kwollect.partitions),
                                      (SELECT min(ts) FROM kwollect_partitions.samples_default)))
@@ -117,8 +120,8 @@ LANGUAGE sql STABLE AS $$
             p_from
         ELSE coalesce((SELECT min(range_start) FROM kwollect.partitions WHERE range_start > p_from),
                       p_from)
-    END
-$$;
+    END;
+END $$;
 
 -- Bring the summary up to date; returns the number of summary rows written.  Fresh data is
 -- summarized a day at a time, for at most p_budget of wall-clock time per call.

@@ -523,8 +523,10 @@ CREATE OR REPLACE FUNCTION api.available_metrics(at timestamptz DEFAULT now(),
 RETURNS TABLE (device_id text, metric_id text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    wanted text[];
-    job integer;
+    wanted     text[];
+    job        integer;
+    candidates integer[];
+    live       integer[];
 BEGIN
     params := coalesce(params, '{}');
     IF devices IS NOT NULL THEN
@@ -551,6 +553,26 @@ BEGIN
           FROM public.nodetime_by_job j WHERE j.job_id = job;
         wanted := coalesce(wanted, '{}');
     END IF;
+    -- Three steps (the candidate series, those with samples, their names), each a query of
+    -- one kind of table: Citus cannot plan correlated EXISTS on the distributed samples
+    -- from the series' reference table; on stock PostgreSQL the plan is the same index
+    -- probes on (series_id, minute).
+    SELECT array_agg(se.series_id) INTO candidates FROM kwollect.series se
+    WHERE wanted IS NULL OR se.device_id = ANY (wanted) OR se.device_alias = ANY (wanted);
+    SELECT array_agg(DISTINCT r.series_id) INTO live FROM (
+        SELECT s.series_id FROM kwollect.samples s
+        WHERE s.series_id = ANY (candidates)
+          AND kwollect.minute_key(s.ts) BETWEEN kwollect.minute_key(at - interval '1 minute')
+                                            AND kwollect.minute_key(at)
+          AND s.ts > at - interval '1 minute' AND s.ts < at
+        UNION ALL
+        SELECT c.series_id FROM kwollect.samples_compact c
+        CROSS JOIN LATERAL kwollect.block_decode(c.n, c.t0, c.t_unit, c.t_period, c.t_gap,
+                                                 c.t_jit, c.v_div, c.v_first, c.v_last,
+                                                 c.v_off, c.v_raw) d
+        WHERE c.series_id = ANY (candidates)
+          AND c.block_start > at - interval '61 minutes' AND c.block_start < at
+          AND d.ts > at - interval '1 minute' AND d.ts < at) r;
     RETURN QUERY
     SELECT a.device_id, a.metric_id
     FROM (
@@ -561,18 +583,7 @@ BEGIN
         WHERE (NOT v.via_alias OR se.device_alias IS NOT NULL)
           AND (wanted IS NULL
                OR CASE WHEN v.via_alias THEN se.device_alias ELSE se.device_id END = ANY (wanted))
-          AND (EXISTS (
-              SELECT 1 FROM kwollect.samples s
-              WHERE s.series_id = se.series_id
-                AND kwollect.minute_key(s.ts) BETWEEN kwollect.minute_key(at - interval '1 minute')
-                                                  AND kwollect.minute_key(at)
-                AND s.ts > at - interval '1 minute' AND s.ts < at)
-            OR EXISTS (
-              SELECT 1 FROM kwollect.samples_compact c
-              CROSS JOIN LATERAL kwollect.block_samples(c) d
-              WHERE c.series_id = se.series_id
-                AND c.block_start > at - interval '61 minutes' AND c.block_start < at
-                AND d.ts > at - interval '1 minute' AND d.ts < at))
+          AND se.series_id = ANY (live)
     ) a
     ORDER BY CASE WHEN a.device_id ~ '^[a-z]+-\d+$' THEN 1 ELSE 2 END,
              split_part(a.device_id, '-', 1) COLLATE "C",
@@ -635,9 +646,10 @@ BEGIN
     PERFORM kwollect.check_timestamps(v_ts);
     v_series := kwollect.series_ids(v_device, v_metric, v_labels);
     -- Partitions are created by a statement of their own: a statement cannot attach a
-    -- partition to the table it inserts into.
+    -- partition to the table it inserts into.  (Not on Citus: see metrics_insert_statement.)
     PERFORM kwollect.ensure_partitions(array_agg(t))
-       FROM unnest(v_ts) t WHERE NOT kwollect.partition_exists(t);
+       FROM unnest(v_ts) t
+       WHERE NOT kwollect.partition_exists(t) AND kwollect.setting('citus') IS DISTINCT FROM 'on';
     PERFORM kwollect.mark_late(min(t), max(t)) FROM unnest(v_ts) t;
     INSERT INTO kwollect.samples (ts, value, series_id)
     SELECT * FROM unnest(v_ts, v_value, v_series);

@@ -22,7 +22,7 @@ from tests.sqlapi import load_job, series
 
 @pytest.fixture(scope="module")
 def kwdb(each_storage):
-    """Every test here runs on each storage (stock and TimescaleDB: tests/fixtures/kwdb.py)."""
+    """Every test here runs on each storage (stock, TimescaleDB, Citus: tests/fixtures/kwdb.py)."""
     return each_storage
 
 

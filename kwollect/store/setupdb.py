@@ -37,6 +37,7 @@ import jwt
 import kwollect
 from kwollect.errors import KwollectError
 from kwollect.options import OptionError, positive_int, tool_options
+from kwollect.store import citus
 from kwollect.store.secretfiles import default_group, new_secret, write_secret_file
 
 log = logging.getLogger("kwollect.store.setupdb")
@@ -73,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
     "service_group": "",
     "api_db_host": "",
     "log_level": "warning",
+    "citus": False,
+    "citus_workers": "",
+    "citus_coordinator": "",
 }
 
 
@@ -138,11 +142,14 @@ async def _ddl(conn: asyncpg.Connection, template: str, *idents: str) -> None:
 
 
 async def ensure_roles(conn: asyncpg.Connection, roles: dict[str, str],
-                       passwords: dict[str, str]) -> None:
+                       passwords: dict[str, str], login_all: bool = False) -> None:
+    """`login_all` (Citus): the coordinator reaches the workers as the role of the query."""
     for key, role in roles.items():
         exists = await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
         login = {"owner_role": "NOLOGIN", "api_role": "LOGIN NOINHERIT",
                  "scheduler_role": "NOLOGIN", "node_role": "NOLOGIN"}.get(key, "LOGIN")
+        if login_all:
+            login = login.replace("NOLOGIN", "LOGIN")
         if not exists:
             await _ddl(conn, f"CREATE ROLE %I {login} NOSUPERUSER NOCREATEDB NOCREATEROLE", role)
         else:
@@ -270,7 +277,8 @@ async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
                     "max_rows": str(int(conf["max_rows"])),
                     "job_energy_metric": str(conf["job_energy_metric"]),
                     "archive_tablespace": ARCHIVE_TABLESPACE if conf["archive_path"] else "",
-                    "archive_after_hour": str(positive_int(conf, "archive_after_hour"))}
+                    "archive_after_hour": str(positive_int(conf, "archive_after_hour")),
+                    "citus": "on" if conf["citus"] else "off"}
         await conn.executemany(
             "INSERT INTO kwollect.settings (key, value) VALUES ($1, $2) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", list(settings.items()))
@@ -502,6 +510,43 @@ async def reader_needs_password(conn: asyncpg.Connection, role: str) -> bool:
     return stored is None or password_matches(stored, LEGACY_READER_PASSWORD, role)
 
 
+async def prepare_node(admin: asyncpg.Connection, conf: dict[str, Any], roles: dict[str, str],
+                       passwords: dict[str, str]) -> None:
+    """Roles, database and role settings on one server (the coordinator or a worker)."""
+    await ensure_roles(admin, roles, passwords, login_all=bool(conf["citus"]))
+    await ensure_database(admin, conf["kwollect_db_name"], roles["owner_role"])
+    await set_timeouts(admin, conf, roles)
+
+
+async def prepare_citus_workers(conf: dict[str, Any], roles: dict[str, str],
+                                passwords: dict[str, str], done: list[str]) -> None:
+    """Each worker: the same roles and database as the coordinator, with citus in it."""
+    for host, port in citus.parse_nodes(conf["citus_workers"], "citus_workers"):
+        node = {**conf, "db_host": host, "db_port": port}
+        admin = await connect_admin(node, "postgres")
+        try:
+            await prepare_node(admin, node, roles, passwords)
+        finally:
+            await admin.close()
+        conn = await connect_admin(node, conf["kwollect_db_name"])
+        try:
+            await citus.require_citus(conn)
+            await citus.ensure_extension(conn, conf["kwollect_db_name"])
+        finally:
+            await conn.close()
+        done.append(f"worker {host}:{port}: roles, database, citus")
+
+
+def citus_coordinator(conf: dict[str, Any]) -> tuple[str, int]:
+    """Where the workers reach the coordinator: citus_coordinator, else db_host (TCP)."""
+    if conf["citus_coordinator"]:
+        return citus.parse_nodes(conf["citus_coordinator"], "citus_coordinator")[0]
+    if str(conf["db_host"]).startswith("/"):
+        raise OptionError("--citus with a unix-socket db_host needs citus_coordinator "
+                          "(host:port the workers reach this server at)")
+    return str(conf["db_host"]), int(conf["db_port"])
+
+
 async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[str, str]:
     """Create or upgrade everything; returns (PostgREST configuration, writer token).
 
@@ -510,6 +555,7 @@ async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[st
     conf["kwollect_password_ro"] and the caller must hand it on.
     """
     done = [] if done is None else done
+    citus.check_combination(conf)
     if not conf["kwollect_password"]:
         raise OptionError("kwollect_password (or kwollect_password_file) is mandatory")
     roles = role_names(conf["kwollect_user"])
@@ -520,18 +566,24 @@ async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[st
             passwords["reader_role"] = conf["kwollect_password_ro"]
         elif await reader_needs_password(admin, roles["reader_role"]):
             conf["kwollect_password_ro"] = passwords["reader_role"] = new_secret()
-        await ensure_roles(admin, roles, passwords)
+        await prepare_node(admin, conf, roles, passwords)
         done.append(f"roles {', '.join(roles.values())} (passwords of "
                     f"{', '.join(roles[k] for k in passwords)} set)")
-        await ensure_database(admin, conf["kwollect_db_name"], roles["owner_role"])
-        await set_timeouts(admin, conf, roles)
         if conf["archive_path"]:
             await ensure_archive(admin, conf["archive_path"], roles["owner_role"])
         done.append(f"database {conf['kwollect_db_name']}")
     finally:
         await admin.close()
+    if conf["citus"]:
+        await prepare_citus_workers(conf, roles, passwords, done)
     conn = await connect_admin(conf, conf["kwollect_db_name"])
     try:
+        if conf["citus"]:
+            await citus.require_citus(conn)
+            await citus.ensure_extension(conn, conf["kwollect_db_name"])
+            done += await citus.register_nodes(conn, citus_coordinator(conf),
+                                               citus.parse_nodes(conf["citus_workers"],
+                                                                 "citus_workers"))
         storage, switch_from = await prepare_storage(conn, conf)
         copied = await apply_schema(conn, conf, roles, storage, switch_from)
         done.append(f"schema {schema_version()} applied; samples in {STORAGE_NAMES[storage]}")

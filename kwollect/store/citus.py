@@ -1,0 +1,117 @@
+"""`kwollect-setup-db --citus`: the kwollect database distributed over a Citus cluster.
+
+Run on the coordinator.  Every node (coordinator and `citus_workers`) gets the same roles,
+the database and the citus extension; the workers are registered with the coordinator;
+then, once sql/ is applied on the coordinator, the tables that grow with the samples are
+distributed by series_id, co-located, and the series identities become a reference table
+(a copy on every node, so joins of samples with series run on the workers):
+
+- kwollect.samples (range-partitioned on ts: a distributed partitioned table; the
+  partitions kwollect.ensure_partitions creates later are distributed when attached);
+- kwollect.summary, co-located with the samples;
+- kwollect.series: reference table.
+
+Everything else (settings, partitions catalogue, jobs, leases, summary bookkeeping) is a
+few rows and stays on the coordinator.  The API, the views and the Grafana queries are the
+same SQL: Citus plans them on the coordinator and pushes each series' work to its shard.
+
+The coordinator opens connections to the workers as the role running the query (the
+SECURITY DEFINER maintenance runs as the owner), so on Citus every kwollect role can log
+in (the owner and the scheduler and node roles get no password from setup: the operator
+makes workers accept the coordinator by `pg_hba.conf` on the private network, certificates,
+or Citus' pg_dist_authinfo; docs/scaling.md).
+
+Refused, with the reason (docs/scaling.md): TimescaleDB in the same database (its
+hypertables cannot be distributed by Citus), and kwollect's compaction (sql/025) whose
+blocks table is written by SECURITY DEFINER functions with temporary tables and
+DELETE ... RETURNING moves across shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+
+from kwollect.options import OptionError
+
+log = logging.getLogger("kwollect.store.citus")
+
+def parse_nodes(value: str, option: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` (port 5432 when left out) as a list of (host, port)."""
+    nodes = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, "5432"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise OptionError(f"{option}: expected host:port[,host:port...], got {item!r}")
+        nodes.append((host, int(port)))
+    return nodes
+
+
+def check_combination(conf: dict[str, Any]) -> None:
+    """Refuse what cannot combine with Citus, before anything is changed."""
+    if not conf.get("citus"):
+        if conf.get("citus_workers"):
+            raise OptionError("citus_workers is given without --citus")
+        return
+    if conf.get("switch_storage"):
+        raise OptionError("--citus and --switch_storage exclude each other: set up a new "
+                          "database with --citus and copy the samples with `kwollect migrate`")
+    if str(conf.get("timescaledb", "off")) == "auto":
+        conf["timescaledb"] = "off"
+    if str(conf.get("timescaledb", "off")) == "on":
+        raise OptionError(
+            "--citus and --timescaledb=on exclude each other: a TimescaleDB hypertable cannot "
+            "be a Citus distributed table (both take over the same table's storage); on "
+            "Citus, kwollect stores samples in distributed plain partitions (docs/scaling.md)")
+    if not parse_nodes(str(conf.get("citus_workers", "")), "citus_workers"):
+        raise OptionError("--citus needs citus_workers (host:port of each worker node)")
+
+
+async def require_citus(conn: asyncpg.Connection) -> None:
+    """The server must preload citus and must not hold TimescaleDB in this database."""
+    preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+    if "citus" not in [name.strip() for name in preload.split(",")]:
+        raise OptionError(
+            "--citus: this server does not load Citus (shared_preload_libraries = "
+            f"{preload!r}); install Citus, add citus first to shared_preload_libraries, "
+            "restart PostgreSQL and run setup again")
+    if await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'timescaledb'"):
+        raise OptionError(
+            "--citus: this database already uses TimescaleDB, which cannot combine with "
+            "Citus (a hypertable cannot be distributed); set up a new database for Citus "
+            "and copy the data with `kwollect migrate`")
+
+
+async def ensure_extension(conn: asyncpg.Connection, database: str) -> None:
+    """citus in `database`, without its role propagation (setup makes the roles on every
+    node itself): Citus would re-create the owner role on the workers whenever the owner
+    creates an object, with an ALTER ROLE only a superuser may run."""
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+    for name in ("citus.enable_create_role_propagation", "citus.enable_alter_role_propagation",
+                 "citus.enable_alter_role_set_propagation"):
+        statement = await conn.fetchval("SELECT format('ALTER DATABASE %I SET %s = off', "
+                                        "$1::text, $2::text)", database, name)
+        await conn.execute(statement)
+        await conn.execute(f"SET {name} = off")
+
+
+async def register_nodes(conn: asyncpg.Connection, coordinator: tuple[str, int],
+                         workers: list[tuple[str, int]]) -> list[str]:
+    """The coordinator's address and the workers in pg_dist_node; returns what was added."""
+    added = []
+    if not await conn.fetchval("SELECT true FROM pg_dist_node WHERE groupid = 0"):
+        await conn.execute("SELECT citus_set_coordinator_host($1, $2)", *coordinator)
+        added.append(f"coordinator {coordinator[0]}:{coordinator[1]}")
+    for host, port in workers:
+        if not await conn.fetchval("SELECT true FROM pg_dist_node "
+                                   "WHERE nodename = $1 AND nodeport = $2", host, port):
+            await conn.execute("SELECT citus_add_node($1, $2)", host, port)
+            added.append(f"worker {host}:{port}")
+    return added
+
