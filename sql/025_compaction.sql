@@ -64,9 +64,17 @@ CREATE TABLE IF NOT EXISTS kwollect.samples_compact (
 CREATE INDEX IF NOT EXISTS samples_compact_series_block_idx
     ON kwollect.samples_compact (series_id, block_start);
 CREATE INDEX IF NOT EXISTS samples_compact_block_idx ON kwollect.samples_compact (block_start);
-ALTER TABLE kwollect.samples_compact
-    ALTER COLUMN t_gap SET COMPRESSION lz4, ALTER COLUMN t_jit SET COMPRESSION lz4,
-    ALTER COLUMN v_off SET COMPRESSION lz4, ALTER COLUMN v_raw SET COMPRESSION lz4;
+-- (Once: Citus would send this whole file to the workers to alter a distributed table.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = 'kwollect.samples_compact'::regclass
+                 AND attname IN ('t_gap', 't_jit', 'v_off', 'v_raw') AND attcompression <> 'l') THEN
+        ALTER TABLE kwollect.samples_compact
+            ALTER COLUMN t_gap SET COMPRESSION lz4, ALTER COLUMN t_jit SET COMPRESSION lz4,
+            ALTER COLUMN v_off SET COMPRESSION lz4, ALTER COLUMN v_raw SET COMPRESSION lz4;
+    END IF;
+END $$;
 SELECT kwollect.distribute('kwollect.samples_compact', 'series_id');
 
 ALTER TABLE kwollect.partitions ADD COLUMN IF NOT EXISTS compacted_at timestamptz;

@@ -71,33 +71,72 @@ def check_combination(conf: dict[str, Any]) -> None:
             "Citus, kwollect stores samples in distributed plain partitions (docs/scaling.md)")
     if not parse_nodes(str(conf.get("citus_workers", "")), "citus_workers"):
         raise OptionError("--citus needs citus_workers (host:port of each worker node)")
+    coordinator_address(conf)
 
 
-async def require_citus(conn: asyncpg.Connection) -> None:
-    """The server must preload citus and must not hold TimescaleDB in this database."""
+def coordinator_address(conf: dict[str, Any]) -> tuple[str, int]:
+    """Where the workers reach the coordinator: citus_coordinator, else db_host (TCP)."""
+    if conf.get("citus_coordinator"):
+        return parse_nodes(str(conf["citus_coordinator"]), "citus_coordinator")[0]
+    if str(conf["db_host"]).startswith("/"):
+        raise OptionError("--citus with a unix-socket db_host needs citus_coordinator "
+                          "(host:port at which the workers reach this server)")
+    return str(conf["db_host"]), int(conf["db_port"])
+
+
+async def require_preloaded(conn: asyncpg.Connection, where: str) -> None:
+    """The server `where` must preload citus (checked before anything is changed)."""
     preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
     if "citus" not in [name.strip() for name in preload.split(",")]:
         raise OptionError(
-            "--citus: this server does not load Citus (shared_preload_libraries = "
-            f"{preload!r}); install Citus, add citus first to shared_preload_libraries, "
-            "restart PostgreSQL and run setup again")
-    if await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'timescaledb'"):
+            f"--citus: {where} does not load Citus (shared_preload_libraries = {preload!r}); "
+            "install Citus, put citus first in shared_preload_libraries, restart PostgreSQL "
+            "and run setup again")
+
+
+async def check_database(conn: asyncpg.Connection, conf: dict[str, Any]) -> None:
+    """A database keeps the storage it was set up with: Citus or not, never switched by
+    setup (a new database and `kwollect migrate` move samples between them)."""
+    has_samples = await conn.fetchval("SELECT to_regclass('kwollect.samples') IS NOT NULL")
+    distributed = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') AND "
+        "coalesce((SELECT value = 'on' FROM kwollect.settings WHERE key = 'citus'), false)"
+        if has_samples else "SELECT false")
+    name = conf["kwollect_db_name"]
+    if distributed and not conf["citus"]:
+        raise OptionError(f"database {name} is distributed with Citus: run setup with --citus "
+                          "and its citus_workers")
+    if conf["citus"] and has_samples and not distributed:
         raise OptionError(
-            "--citus: this database already uses TimescaleDB, which cannot combine with "
-            "Citus (a hypertable cannot be distributed); set up a new database for Citus "
-            "and copy the data with `kwollect migrate`")
+            f"--citus: database {name} already holds samples on one server; set up a new "
+            "database with --citus and copy the samples with `kwollect migrate`")
+    if conf["citus"] and await conn.fetchval(
+            "SELECT true FROM pg_extension WHERE extname = 'timescaledb'"):
+        raise OptionError(
+            f"--citus: database {name} uses TimescaleDB, which cannot combine with Citus (a "
+            "hypertable cannot be distributed); set up a new database with --citus")
 
 
-async def ensure_extension(conn: asyncpg.Connection, database: str) -> None:
-    """citus in `database`, without its role propagation (setup makes the roles on every
-    node itself): Citus would re-create the owner role on the workers whenever the owner
-    creates an object, with an ALTER ROLE only a superuser may run."""
+ROLE_PROPAGATION = ("citus.enable_create_role_propagation", "citus.enable_alter_role_propagation",
+                    "citus.enable_alter_role_set_propagation")
+"""Off in the kwollect database of every node: setup makes the roles on every node itself,
+and Citus would otherwise re-create the owner role on the workers whenever the owner
+creates an object, with an ALTER ROLE only a superuser may run."""
+
+
+async def without_role_propagation(admin: asyncpg.Connection, database: str) -> None:
+    """ROLE_PROPAGATION off for `database` (run from another database: Citus refuses
+    ALTER DATABASE on a worker from inside the distributed database)."""
+    for name in ROLE_PROPAGATION:
+        statement = await admin.fetchval("SELECT format('ALTER DATABASE %I SET %s = off', "
+                                         "$1::text, $2::text)", database, name)
+        await admin.execute(statement)
+
+
+async def ensure_extension(conn: asyncpg.Connection) -> None:
+    """citus in the database of `conn`, whose session then propagates no role either."""
     await conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
-    for name in ("citus.enable_create_role_propagation", "citus.enable_alter_role_propagation",
-                 "citus.enable_alter_role_set_propagation"):
-        statement = await conn.fetchval("SELECT format('ALTER DATABASE %I SET %s = off', "
-                                        "$1::text, $2::text)", database, name)
-        await conn.execute(statement)
+    for name in ROLE_PROPAGATION:
         await conn.execute(f"SET {name} = off")
 
 

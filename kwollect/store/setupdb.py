@@ -516,6 +516,19 @@ async def prepare_node(admin: asyncpg.Connection, conf: dict[str, Any], roles: d
     await ensure_roles(admin, roles, passwords, login_all=bool(conf["citus"]))
     await ensure_database(admin, conf["kwollect_db_name"], roles["owner_role"])
     await set_timeouts(admin, conf, roles)
+    if conf["citus"]:
+        await citus.without_role_propagation(admin, conf["kwollect_db_name"])
+
+
+async def citus_check_nodes(admin: asyncpg.Connection, conf: dict[str, Any]) -> None:
+    """Every node (this one, then each worker) loads Citus, before anything is changed."""
+    await citus.require_preloaded(admin, "this server")
+    for host, port in citus.parse_nodes(conf["citus_workers"], "citus_workers"):
+        worker = await connect_admin({**conf, "db_host": host, "db_port": port}, "postgres")
+        try:
+            await citus.require_preloaded(worker, f"worker {host}:{port}")
+        finally:
+            await worker.close()
 
 
 async def prepare_citus_workers(conf: dict[str, Any], roles: dict[str, str],
@@ -530,21 +543,10 @@ async def prepare_citus_workers(conf: dict[str, Any], roles: dict[str, str],
             await admin.close()
         conn = await connect_admin(node, conf["kwollect_db_name"])
         try:
-            await citus.require_citus(conn)
-            await citus.ensure_extension(conn, conf["kwollect_db_name"])
+            await citus.ensure_extension(conn)
         finally:
             await conn.close()
         done.append(f"worker {host}:{port}: roles, database, citus")
-
-
-def citus_coordinator(conf: dict[str, Any]) -> tuple[str, int]:
-    """Where the workers reach the coordinator: citus_coordinator, else db_host (TCP)."""
-    if conf["citus_coordinator"]:
-        return citus.parse_nodes(conf["citus_coordinator"], "citus_coordinator")[0]
-    if str(conf["db_host"]).startswith("/"):
-        raise OptionError("--citus with a unix-socket db_host needs citus_coordinator "
-                          "(host:port the workers reach this server at)")
-    return str(conf["db_host"]), int(conf["db_port"])
 
 
 async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[str, str]:
@@ -561,6 +563,8 @@ async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[st
     roles = role_names(conf["kwollect_user"])
     admin = await connect_admin(conf, "postgres")
     try:
+        if conf["citus"]:
+            await citus_check_nodes(admin, conf)
         passwords = {"writer_role": conf["kwollect_password"]}
         if conf["kwollect_password_ro"]:
             passwords["reader_role"] = conf["kwollect_password_ro"]
@@ -578,10 +582,10 @@ async def setup(conf: dict[str, Any], done: list[str] | None = None) -> tuple[st
         await prepare_citus_workers(conf, roles, passwords, done)
     conn = await connect_admin(conf, conf["kwollect_db_name"])
     try:
+        await citus.check_database(conn, conf)
         if conf["citus"]:
-            await citus.require_citus(conn)
-            await citus.ensure_extension(conn, conf["kwollect_db_name"])
-            done += await citus.register_nodes(conn, citus_coordinator(conf),
+            await citus.ensure_extension(conn)
+            done += await citus.register_nodes(conn, citus.coordinator_address(conf),
                                                citus.parse_nodes(conf["citus_workers"],
                                                                  "citus_workers"))
         storage, switch_from = await prepare_storage(conn, conf)
