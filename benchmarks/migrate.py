@@ -11,12 +11,17 @@ would have created), loaded with ROWS rows of Kwollect shape (DEVICES devices x 
   `COPY (SELECT * FROM metrics) TO STDOUT` piped into `COPY ... FROM STDIN` of a table of
   the reference's shape without indexes, what a pg_dump | pg_restore of the data costs).
 
+Then where a row's CPU goes, each stage alone in one stream over the whole span: the
+source's read (its series per range, then its distinct rows sorted and mapped to series
+ids as binary COPY), and the target's write of those bytes into kwollect.samples (in a
+transaction rolled back).
+
 Both sides share this machine's cores here; in a real migration the source is another host.
 Besides rows/s it prints the CPU spent per row by the servers (every backend of the run, as
 reaped by the postmaster) and by the client: on a machine shared with other work, CPU per
 row is the stable figure, and 2 cores / CPU per row the rate of an idle 2-core machine.
 
-Usage: .venv/bin/python benchmarks/migrate.py [--rows 2000000] [--jobs 2]
+Usage: .venv/bin/python benchmarks/migrate.py [--rows 2000000] [--jobs 2] [--range-minutes 2]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from kwollect.dev.devcluster import PrivateCluster, missing_extension_reason
+from kwollect.migrate import source as src
 from kwollect.migrate.command import MIGRATE_DEFAULTS, migrate
 from kwollect.store.setupdb import DEFAULTS, setup
 
@@ -108,6 +114,61 @@ async def plain_copy(source: asyncpg.Connection, target: asyncpg.Connection) -> 
     return time.perf_counter() - t0
 
 
+def server_cpu(cluster: PrivateCluster) -> float:
+    """CPU seconds of the postmaster's exited children (backends and parallel workers)."""
+    return cluster_cpu(cluster) - client_cpu()
+
+
+class RolledBack(Exception):
+    """Ends the target's measuring transaction."""
+
+
+async def stages(cluster: PrivateCluster, rows: int) -> tuple[float, float]:
+    """Server CPU per row of the source's read and of the target's write, each alone (the
+    connections are closed after each stage, so that their CPU is counted)."""
+    cpu0 = server_cpu(cluster)
+    source = await src.connect(cluster.dsn(database="kw1x"), None)  # the command's settings
+    target = await asyncpg.connect(cluster.dsn(database="kwdb"))
+    chunks: list[bytes] = []
+    try:
+        lo = await source.fetchval('SELECT min("timestamp") FROM metrics')
+        hi = await source.fetchval('SELECT max("timestamp") + interval \'1 second\' FROM metrics')
+        groups = await source.fetch(src.RANGE_SERIES, lo, hi)
+        ids = await target.fetchval(
+            "SELECT kwollect.series_ids($1::text[], $2::text[], $3::jsonb[])",
+            [g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups])
+
+        async def keep(chunk: bytes) -> None:
+            chunks.append(chunk)
+
+        await source.copy_from_query(src.RANGE_COPY, [g[0] for g in groups],
+                                     [g[1] for g in groups], [g[2] for g in groups], ids, lo, hi,
+                                     output=keep, format="binary")
+    finally:
+        await source.close()
+        await target.close()
+    await asyncio.sleep(0.5)  # the backends exit and are reaped
+    read = (server_cpu(cluster) - cpu0) / rows * 1e6
+
+    async def replay() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    cpu0 = server_cpu(cluster)
+    target = await asyncpg.connect(cluster.dsn(database="kwdb"))
+    try:
+        async with target.transaction():
+            await target.copy_to_table("samples", schema_name="kwollect", source=replay(),
+                                       columns=["ts", "value", "series_id"], format="binary")
+            raise RolledBack
+    except RolledBack:
+        pass
+    finally:
+        await target.close()
+    await asyncio.sleep(0.5)
+    return read, (server_cpu(cluster) - cpu0) / rows * 1e6
+
+
 async def run(args: argparse.Namespace) -> None:
     hypertable = missing_extension_reason("timescaledb") is None and not args.plain
     # autovacuum off: its workers' CPU would be counted as the copies'
@@ -169,8 +230,12 @@ async def run(args: argparse.Namespace) -> None:
             print(f"{names[key]}: {rows_s:,.0f} rows/s; CPU {per_row:.2f} us/row "
                   f"(client {client / args.rows * 1e6:.2f}), i.e. {2e6 / per_row:,.0f} rows/s "
                   f"on 2 idle cores")
-        print(f"load average {os.getloadavg()[0]:.1f}")
         print(out.getvalue().strip())
+        read, write = await stages(cluster, args.rows)
+        print(f"stages alone, server CPU per row: source read {read:.2f} us (series per range, "
+              f"distinct rows sorted by series), target write {write:.2f} us (binary COPY into "
+              f"kwollect.samples)")
+        print(f"load average {os.getloadavg()[0]:.1f}")
     finally:
         cluster.destroy()
 
@@ -180,7 +245,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--range-minutes", type=int, default=60)
+    parser.add_argument("--range-minutes", type=int, default=2)
     parser.add_argument("--plain", action="store_true", help="plain table even with TimescaleDB")
     parser.add_argument("--compress", action="store_true", help="compress every chunk first")
     asyncio.run(run(parser.parse_args()))

@@ -88,9 +88,12 @@ async def connect(url: str, password: str | None) -> asyncpg.Connection:
     except (OSError, asyncpg.PostgresError) as exc:
         raise SourceError(f"cannot connect to the source: {exc}") from exc
     # The reference sets statement_timeout (1 h on the database, 5 min on its user): a range
-    # may take longer to read.
+    # may take longer to read.  The planner underestimates RANGE_COPY's join (by the labels
+    # expression) a thousandfold and then merge-joins, sorting every row of the range by
+    # its text ids and jsonb labels: 4.6-4.7 us of server CPU per row, against 2.2-2.4 with
+    # a hash join on the series map (benchmarks/migrate.py stages, plain source).
     await conn.execute("SET statement_timeout = 0; SET work_mem = '128MB'; "
-                       "SET idle_in_transaction_session_timeout = 0")
+                       "SET idle_in_transaction_session_timeout = 0; SET enable_mergejoin = off")
     return conn
 
 
