@@ -11,7 +11,8 @@ side in one run:
   stock server gave before setup set it;
 - "setup (jit off)": the database as kwollect-setup-db leaves it;
 - "+12 stalled": the same, with 12 of the 55 clients asking for a 100,000-row export
-  and never reading it (they held 10 of 10 connections before responses were spooled).
+  and never reading it (they held 10 of 10 connections before responses were spooled);
+  all from one address, so kwollect-max-exports-per-client (4) refuses 8 with a 429.
 
 Printed per round: requests/s, p50 and p99 latency, errors by status, the gateway's peak
 RSS (sampled every 50 ms), and the peak number of database connections the gateway held.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import socket
 import statistics
 import sys
@@ -100,6 +102,18 @@ def stalled_exports(url: str, count: int) -> list[socket.socket]:
     return socks
 
 
+def answered(socks: list[socket.socket]) -> collections.Counter:
+    """How the stalled exports were answered: streaming (200) or refused by a cap (429)."""
+    statuses: collections.Counter = collections.Counter()
+    for sock in socks:
+        sock.settimeout(1)
+        try:
+            statuses[sock.recv(12).decode(errors="replace")[9:12] or "closed"] += 1
+        except OSError:
+            statuses["no answer"] += 1
+    return statuses
+
+
 async def round_(name: str, url: str, pid: int, admin: asyncpg.Connection,
                  clients: int, duration: float) -> None:
     latencies: list[float] = []
@@ -136,7 +150,7 @@ async def run(args: argparse.Namespace) -> None:
                             "FROM unnest(ARRAY['node-1', 'node-2']) node", START)
         process, url, _ = start_gateway(config, work)
         print(f"{args.clients} clients, {args.duration:g} s per round, stock PostgreSQL "
-              f"settings, db-pool 10\n")
+              f"settings, db-pool 10; load average {os.getloadavg()[0]:.1f} at the start\n")
         print(f"{'database':>17} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
               f"{'RSS MB':>8} {'conns':>6}")
         for name, jit, stalled in (("stock, jit on", "on", 0), ("setup (jit off)", "off", 0),
@@ -150,11 +164,15 @@ async def run(args: argparse.Namespace) -> None:
             try:
                 await round_(name, url, process.pid, admin, args.clients - stalled,
                              args.duration)
+                if socks:
+                    print(f"{'':>17} the stalled exports: {dict(answered(socks))} "
+                          "(429: refused by kwollect-max-exports-per-client)")
             finally:
                 for sock in socks:
                     sock.close()
         await admin.execute("ALTER DATABASE kwdb SET jit = off")
         await admin.close()
+        print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     finally:
         if process is not None and process.poll() is None:
             process.terminate()
