@@ -80,6 +80,9 @@ SELECT kwollect.distribute('kwollect.samples_compact', 'series_id');
 ALTER TABLE kwollect.partitions ADD COLUMN IF NOT EXISTS compacted_at timestamptz;
 
 -- The samples of one block, in time order (ties in their stored order), from its columns.
+-- The streams are unnested in the select list (one ProjectSet, in lockstep, a missing
+-- stream read as NULLs) rather than by ROWS FROM, which stores each stream in a tuplestore
+-- first: measured 0.64 s against 1.6 s for the streams of 1.44 M samples.
 CREATE OR REPLACE FUNCTION kwollect.block_decode(
     p_n integer, p_t0 timestamptz, p_unit bigint, p_period bigint,
     p_gap kwollect.int_stream, p_jit kwollect.int_stream, p_div double precision,
@@ -91,8 +94,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                                                  * (p_last - p_first)
                                                  / greatest(p_n - 1, 1))::bigint)::double precision
                            / p_div)
-    FROM unnest(kwollect.unpack_ints(p_gap), kwollect.unpack_ints(p_jit),
-                kwollect.unpack_ints(p_off), p_raw) WITH ORDINALITY AS u(g, r, o, raw, i)
+    FROM (SELECT unnest(kwollect.unpack_ints(p_gap)) AS g,
+                 unnest(kwollect.unpack_ints(p_jit)) AS r,
+                 unnest(kwollect.unpack_ints(p_off)) AS o,
+                 unnest(p_raw) AS raw,
+                 generate_series(1::bigint, p_n) AS i) u
 $$;
 
 -- The same, from a block row.  Views call block_decode with the columns: on Citus, a view
