@@ -78,6 +78,7 @@ FORM_MEDIA = "application/x-www-form-urlencoded"
 COPY_BODY_BYTES = DEPTH_SCAN_MAX
 COPY_PIECE = 1024 * 1024
 BODY_TABLE = "kwollect_api_body"
+VALUE_ENCODING = 3
 _COPY_ESCAPES = ((b"\\", b"\\\\"), (b"\n", b"\\n"), (b"\r", b"\\r"), (b"\t", b"\\t"))
 _JSON_SPACE = re.compile(rb"[ \t\r\n]*")
 # Called without a token from a job's node: run as the node role, for the node the
@@ -736,6 +737,8 @@ class Gateway:
                    name: str) -> Call:
         media = request.content_type if request.headers.get("Content-Type") else ""
         if media == FORM_MEDIA:
+            if not self._named_body(body, catalog, schema, name):
+                catalog.resolve(schema, name, ())  # raises: it takes a JSON body
             values = _form_values(body)
             function = catalog.resolve(schema, name, values)
             return Catalog.bind_text(function, values)
@@ -749,15 +752,38 @@ class Gateway:
         if start == len(body):
             function = catalog.resolve(schema, name, (), body="object")
             return Catalog.bind_json(function, {}, None)
-        if body[start] == ord("["):
-            function = catalog.resolve(schema, name, (), body="array")
-            if len(body) > COPY_BODY_BYTES and not function.read_only:
-                return Catalog.bind_body(function, body)
-            return Catalog.bind_json(function, None, _utf8(body))
-        text = _utf8(body)
-        values = _json_object(text)
-        function = catalog.resolve(schema, name, values, body="object")
-        return Catalog.bind_json(function, values, text)
+        first = body[start]
+        if first != ord("[") and (first != ord("{") or
+                                  self._named_body(body, catalog, schema, name)):
+            text = _utf8(body)
+            values = _json_object(text)
+            function = catalog.resolve(schema, name, values, body="object")
+            return Catalog.bind_json(function, values, text)
+        # the body is the argument, whole: a JSON array, or an object for a function
+        # that takes no named argument
+        function = catalog.resolve(schema, name, (),
+                                   body="array" if first == ord("[") else "object")
+        if len(body) > COPY_BODY_BYTES and not function.read_only:
+            return Catalog.bind_body(function, body)
+        return Catalog.bind_json(function, None, _utf8(body))
+
+    def _named_body(self, body: bytearray, catalog: Catalog, schema: str, name: str) -> bool:
+        """Whether the function takes named arguments (False: a JSON body is its one
+        argument, never parsed); 413 for a body larger than those arguments can be,
+        before it is parsed into Python objects (several times its size).
+
+        Each value is at most kwollect-max-param-bytes; sent, it may take VALUE_ENCODING
+        times that (percent-encoding, JSON escapes).
+        """
+        named = [fn for fn in catalog.resolve_name(schema, name) if not fn.body_param]
+        if not named:
+            return False
+        widest = max(len(fn.params) for fn in named)
+        bound = widest * VALUE_ENCODING * self.settings.max_param_bytes + 64 * 1024
+        if len(body) > bound:
+            raise too_large(f"A body of named arguments for {name}", bound,
+                            "kwollect-max-param-bytes")
+        return True
 
     # -- execution -----------------------------------------------------------------
     def _settings(self, request: web.Request, identity: Identity,
