@@ -484,10 +484,26 @@ def refusal(sock: socket.socket) -> bytes:
 
 async def test_export_caps_keep_the_pool_for_fast_requests(kwdb, gateway, http, tmp_path):
     """Stalled exports hold their connections (their spool is full); the caps keep one of
-    the 3 free: per client (1 here), then per role (2 here), beyond them a 429."""
+    the 3 free: per client (1 here), then per role (2 here), beyond them a 429.
+    (`gateway` creates the schema gw_test.)"""
     server = await asyncio.to_thread(
         start_gateway, tmp_path, kwdb.postgrest_config.replace(
             'db-schemas = "api"', 'db-schemas = "api, gw_test"'), CAPPED)
+    try:
+        await stall_beyond_the_caps(server, http)
+        # the slots come back when the exports end
+        for _ in range(100):
+            status, body = await call(http, server, "/rpc/numbers?n=200000",
+                                      headers={"Accept-Profile": "gw_test"})
+            if status != 429:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200 and body.endswith(b"200000]"), body[-100:]
+    finally:
+        server.stop()
+
+
+async def stall_beyond_the_caps(server, http) -> None:
     socks = []
     try:
         for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
@@ -507,17 +523,6 @@ async def test_export_caps_keep_the_pool_for_fast_requests(kwdb, gateway, http, 
     finally:
         for sock in socks:
             sock.close()
-    try:
-        # the slots come back when the exports end
-        for _ in range(100):
-            status, body = await call(http, server, "/rpc/numbers?n=200000",
-                                      headers={"Accept-Profile": "gw_test"})
-            if status != 429:
-                break
-            await asyncio.sleep(0.2)
-        assert status == 200 and body.endswith(b"200000]"), body[-100:]
-    finally:
-        server.stop()
 
 
 def test_export_cap_defaults(tmp_path):
