@@ -23,10 +23,11 @@ COMMENT ON VIEW public.metrics IS
 -- then moves the statement's rows into kwollect.samples with a few set-wise statements
 -- (series created, partitions created, late range marked).  PostgreSQL offers nothing
 -- cheaper per row for a view: COPY into a view needs a row-level INSTEAD OF trigger, and
--- triggers on views cannot have transition tables.  Measured (benchmarks/metrics_view.py):
--- about 6 us of server CPU per row for the row trigger and 2 us for the moves, on top of
--- what kwollect.samples itself costs, instead of 90-100 us per row for the earlier
--- row-by-row trigger (series look-up, partition check and insert per row).
+-- triggers on views cannot have transition tables.  Measured (benchmarks/metrics_view.py,
+-- binary COPY, server CPU per row): bare table 1.3 us, kwollect.samples alone 4.4-5.7,
+-- a row trigger returning NEW only 1.5-1.9, parking the row 5.8-6.4, the whole path 12-14
+-- (90-100 for the earlier row-by-row trigger); docs/performance.md says what else was
+-- tried and why half the bare table's rate is out of reach.
 --
 -- Within one transaction the inbox only grows (nothing is deleted: dead rows would be
 -- scanned again by every later statement of the transaction), and each statement takes
