@@ -7,9 +7,18 @@ import logging
 import uuid
 from datetime import UTC, datetime
 
+import pytest
+
 from kwollect.logutil import RateLimitedLog
 from kwollect.store.writer import Batch, datetime_to_us
 from kwollect.store.writer.partitions import PartitionCache, merge_ranges
+
+
+@pytest.fixture(scope="module")
+def kwdb(each_storage):
+    """Every test here runs on each storage (stock and TimescaleDB: tests/fixtures/kwdb.py)."""
+    return each_storage
+
 
 _log = logging.getLogger("test")
 
