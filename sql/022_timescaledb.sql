@@ -66,13 +66,17 @@ END $$;
 -- compressed yet, and those that received rows since (partially compressed: status bit 8),
 -- which compress_chunk merges.  Driven by kwollect.maintain() like the stock compaction (one
 -- scheduler for every storage, no TimescaleDB background job): oldest first, for at most
--- p_budget.  Returns the rows compressed (the chunks' uncompressed rows).
+-- p_budget.  Their ranges are marked compacted in kwollect.partitions, so that get_metrics
+-- reads them in chunks of an hour, as compacted blocks: a compressed batch (up to 1,000
+-- samples of a series) is then decompressed once or twice per request, instead of once per
+-- minute it spans (measured: docs/performance.md).  Returns the rows compressed (the
+-- chunks' uncompressed rows).
 CREATE OR REPLACE FUNCTION kwollect.compress_chunks(p_budget interval) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     after   interval := make_interval(hours => coalesce(kwollect.setting('chunk_compress_hour'), '24')::int);
     started timestamptz := clock_timestamp();
-    chunk   regclass;
+    chunk   record;
     n       bigint;
     total   bigint := 0;
 BEGIN
@@ -80,7 +84,8 @@ BEGIN
         RETURN 0;
     END IF;
     FOR chunk IN
-        SELECT format('%I.%I', c.chunk_schema, c.chunk_name)::regclass
+        SELECT format('%I.%I', c.chunk_schema, c.chunk_name)::regclass AS rel,
+               c.range_start, c.range_end
         FROM timescaledb_information.chunks c
         JOIN _timescaledb_catalog.chunk cc
           ON cc.schema_name = c.chunk_schema AND cc.table_name = c.chunk_name
@@ -90,8 +95,10 @@ BEGIN
         ORDER BY c.range_start
     LOOP
         EXIT WHEN clock_timestamp() - started > p_budget;
-        EXECUTE format('SELECT count(*) FROM ONLY %s', chunk) INTO n;
-        PERFORM public.compress_chunk(chunk, if_not_compressed => true);
+        EXECUTE format('SELECT count(*) FROM ONLY %s', chunk.rel) INTO n;
+        PERFORM public.compress_chunk(chunk.rel, if_not_compressed => true);
+        UPDATE kwollect.partitions SET compacted_at = now()
+        WHERE range_start < chunk.range_end AND range_end > chunk.range_start;
         total := total + n;
     END LOOP;
     RETURN total;
