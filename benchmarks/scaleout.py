@@ -19,8 +19,18 @@ On this 2-core machine, PostgreSQL, the exporters and the kwollectors share the 
 cores: more kwollectors show the per-process overhead and whether the split is even, not
 more throughput.  docs/scaling.md turns the per-core costs into deployment sizes.
 
+With --citus it compares instead the storage on one node against a Citus coordinator and
+two workers (`kwollect-setup-db --citus`, all on this machine), fed by the writer alone
+(benchmarks/writer_throughput.py's data: DEVICES devices x 10 metrics at 1 Hz), and prints
+per layout: ingest rows/s and CPU-s per 10,000 rows of the writer and of PostgreSQL (every
+node added up), then `get_metrics` times (10 devices, every metric, the whole ingested
+window; and its 5-minute summaries), and for Citus one COPY of the same batch through the
+coordinator against straight into a worker (Citus routes it there too).
+
 Usage: .venv/bin/python benchmarks/scaleout.py [--targets 100] [--metrics 100]
        [--period-ms 1000] [--warmup 10] [--window 30] [--kwollectors 1,2,3]
+       .venv/bin/python benchmarks/scaleout.py --citus [--rows 1000000] [--devices 200]
+       [--shard-count 32]
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,10 +55,12 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.writer_throughput import TICKS, cpu_postgres  # noqa: E402
-from kwollect.dev.devcluster import PrivateCluster  # noqa: E402
+from benchmarks.writer_throughput import TICKS, build, cpu_postgres, cpu_self, feed  # noqa: E402
+from kwollect.dev.devcluster import PrivateCluster, start_citus_cluster  # noqa: E402
 from kwollect.dev.simulators import free_port  # noqa: E402
 from kwollect.store.setupdb import DEFAULTS, setup  # noqa: E402
+from kwollect.store.writer import Batch, Writer, WriterOptions  # noqa: E402
+from kwollect.store.writer.copy_encoders import samples_copy  # noqa: E402
 
 PASSWORD = "bench"
 RO_PASSWORD = "bench-ro"
@@ -211,6 +224,113 @@ async def run(args: argparse.Namespace) -> None:
         cluster.destroy()
 
 
+BENCH_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "20GB", "checkpoint_timeout": "30min"}
+
+
+def postmaster_of(node: PrivateCluster) -> int:
+    return int((node.datadir / "postmaster.pid").read_text().split()[0])
+
+
+async def timed(conn: asyncpg.Connection, query: str, *params, calls: int = 5) -> tuple[float, int]:
+    """(median seconds, rows) of `calls` runs of a query."""
+    times, rows = [], 0
+    for _ in range(calls):
+        started = time.perf_counter()
+        rows = len(await conn.fetch(query, *params))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), rows
+
+
+async def storage_run(layout: str, nodes: list[PrivateCluster], args: argparse.Namespace) -> dict:
+    """Ingest through the writer, then reads, on one layout (one node, or Citus nodes)."""
+    coordinator, *workers = nodes
+    conf = {**DEFAULTS, "db_host": coordinator.socket_dir, "db_port": coordinator.port,
+            "kwollect_password": PASSWORD, "kwollect_password_ro": RO_PASSWORD,
+            "timescaledb": "off"}
+    if workers:
+        conf.update(citus=True, citus_shard_count=args.shard_count,
+                    citus_coordinator=f"{coordinator.socket_dir}:{coordinator.port}",
+                    citus_workers=",".join(f"127.0.0.1:{w.port}" for w in workers))
+    await setup(conf)
+    kwargs = {"host": "127.0.0.1", "port": coordinator.port, "database": "kwdb",
+              "user": "kwuser", "password": PASSWORD}
+    lists = build(args.devices, args.rows)
+    writer = Writer(kwargs, WriterOptions(batch_max_rows=10_000, pool_size=2))
+    await writer.start()
+    writer.submit(lists[0])  # warm-up: series ids and partitions
+    while writer.stats()["inserted"] < len(lists[0]):
+        await asyncio.sleep(0.01)
+    postmasters = [postmaster_of(node) for node in nodes]
+    cpu0, pg0, t0 = cpu_self(), sum(map(cpu_postgres, postmasters)), time.perf_counter()
+    await feed(writer, lists[1:], 0, 40_000)
+    total = sum(map(len, lists))
+    while writer.stats()["inserted"] < total:
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - t0
+    cpu, pg = cpu_self() - cpu0, sum(map(cpu_postgres, postmasters)) - pg0
+    series = writer._series  # the ids the writer resolved, for the direct COPY below
+    await writer.close()
+    rows = total - len(lists[0])
+    admin = await asyncpg.connect(host=coordinator.socket_dir, port=coordinator.port,
+                                  user="postgres", database="kwdb")
+    await admin.execute("SELECT kwollect.maintain()")
+    reader = await read_connection(coordinator)
+    devices = ",".join(f"node-{d + 1}" for d in range(10))
+    window = ("2025-03-03T00:00:00", "2025-03-04T00:00:00")
+    query = ("SELECT * FROM api.get_metrics(devices => $1, start_time => $2, end_time => $3"
+             "{})")
+    raw_s, raw_rows = await timed(reader, query.format(""), devices, *window)
+    summary_s, summary_rows = await timed(reader, query.format(", summary => true"), devices,
+                                          *window)
+    result = {"layout": layout, "rows": rows, "rows_per_s": rows / elapsed,
+              "writer_cpu_s_per_10k": cpu / rows * 10_000,
+              "postgresql_cpu_s_per_10k": pg / rows * 10_000,
+              "postgresql_cores": pg / elapsed,
+              "get_metrics_ms": raw_s * 1000, "get_metrics_rows": raw_rows,
+              "summary_ms": summary_s * 1000, "summary_rows": summary_rows}
+    if workers:
+        result["copy_100k"] = await direct_copy(lists, series, coordinator, workers[0])
+    await reader.close()
+    await admin.close()
+    return result
+
+
+async def direct_copy(lists: list, series, coordinator: PrivateCluster,
+                      worker: PrivateCluster) -> dict:
+    """One binary COPY of the same 100,000 rows (timestamps a day later: a fresh range of
+    the same partition) through the coordinator, then straight into a worker."""
+    readings = [r for readings in lists for r in readings][:100_000]
+    handles = series.handles_of(readings)
+    shifted = [r[0] + 3_600_000_000 for r in readings]
+    batch = Batch(uuid.uuid4(), shifted, [r[3] for r in readings], handles)
+    data = samples_copy(batch, series.sids)
+    out = {}
+    for name, node in (("coordinator", coordinator), ("worker", worker)):
+        conn = await asyncpg.connect(host="127.0.0.1", port=node.port, database="kwdb",
+                                     user="kwuser", password=PASSWORD)
+        started = time.perf_counter()
+        await conn.copy_to_table("samples", schema_name="kwollect", source=memoryview(data),
+                                 columns=["ts", "value", "series_id"], format="binary")
+        out[f"{name}_rows_per_s"] = len(readings) / (time.perf_counter() - started)
+        await conn.close()
+    return out
+
+
+async def citus_comparison(args: argparse.Namespace) -> None:
+    print(f"# writer only: {args.devices} devices x 10 metrics, {args.rows:,} rows; "
+          f"{args.shard_count} shards; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    for layout in ("one node", "coordinator + 2 workers"):
+        nodes = ([PrivateCluster(settings=BENCH_SETTINGS).start()] if layout == "one node"
+                 else start_citus_cluster(2, BENCH_SETTINGS))
+        try:
+            print(json.dumps(await storage_run(layout, nodes, args)), flush=True)
+        finally:
+            for node in nodes:
+                node.destroy()
+    print(f"# load average {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=int, default=100)
@@ -220,9 +340,16 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30)
     parser.add_argument("--kwollectors", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 2, 3])
+    parser.add_argument("--citus", action="store_true",
+                        help="one node against a Citus coordinator and two workers")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--shard-count", type=int, default=32)
+    parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
+    if args.citus:
+        asyncio.run(citus_comparison(args))
+    elif args.serve:
         asyncio.run(serve(args.targets, args.metrics))
     else:
         asyncio.run(run(args))

@@ -169,6 +169,8 @@ HELP: dict[str, str] = {
                      "database and extension there as db_admin, and registers them)",
     "citus_coordinator": "host:port at which the workers reach this coordinator (default: "
                          "db_host:db_port when db_host is not a unix socket)",
+    "citus_shard_count": "shards of the samples (and of the tables co-located with them), "
+                         "fixed when the database is created: 2 to 4 per worker core",
 }
 
 

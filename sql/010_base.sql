@@ -132,9 +132,14 @@ BEGIN
     ELSIF p_column = 'coordinator' THEN
         EXECUTE 'SELECT citus_add_local_table_to_metadata($1)' USING p_table;
     ELSE
-        EXECUTE format('SELECT create_distributed_table($1, %L, colocate_with => %L)', p_column,
-                       CASE WHEN p_table = 'kwollect.samples'::regclass THEN 'default'
-                            ELSE 'kwollect.samples' END)
+        EXECUTE format('SELECT create_distributed_table($1, %L, colocate_with => %L%s)',
+                       p_column,
+                       CASE WHEN p_table = 'kwollect.samples'::regclass THEN 'none'
+                            ELSE 'kwollect.samples' END,
+                       CASE WHEN p_table = 'kwollect.samples'::regclass
+                            THEN format(', shard_count => %s',
+                                        coalesce(kwollect.setting('citus_shard_count'), '32')::int)
+                            ELSE '' END)
             USING p_table;
     END IF;
 END $$;

@@ -303,8 +303,10 @@ LANGUAGE sql STABLE AS $$
            kwollect.minute_key(req.start_time), kwollect.minute_key(req.end_time),
            -- Chunks of at least an hour where blocks are compacted: a block is decoded
            -- once per chunk it overlaps.
+           -- (At most 8 chunks on Citus, where each chunk is a query of every shard.)
            greatest(1, ceil((kwollect.minute_key(req.end_time)
-                             - kwollect.minute_key(req.start_time) + 1) / 256.0),
+                             - kwollect.minute_key(req.start_time) + 1)
+                            / CASE WHEN kwollect.setting('citus') = 'on' THEN 8.0 ELSE 256.0 END),
                     CASE WHEN EXISTS (SELECT 1 FROM kwollect.partitions pa
                                       WHERE pa.compacted_at IS NOT NULL
                                         AND pa.range_start <= req.end_time

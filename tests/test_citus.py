@@ -29,6 +29,8 @@ def conf_with(**overrides) -> dict:
      "--citus and --timescaledb=on exclude each other: a TimescaleDB hypertable cannot be"),
     ({"citus": True, "citus_workers": "w1:5432", "switch_storage": True,
       "citus_coordinator": "c:1"}, "--citus and --switch_storage exclude each other"),
+    ({"citus": True, "citus_workers": "w1", "citus_coordinator": "c", "archive_path": "/a"},
+     "--citus and archive_path exclude each other: a tablespace belongs to one server"),
     ({"citus": True}, "--citus needs citus_workers"),
     ({"citus": True, "citus_workers": "w1:x"}, "citus_workers: expected host:port"),
     ({"citus": True, "citus_workers": "w1"}, "unix-socket db_host needs citus_coordinator"),

@@ -142,3 +142,26 @@ class PrivateCluster:
              "-d", self.dsn(user, database), "-c", sql],
             check=True, capture_output=True, text=True)
         return result.stdout
+
+
+def start_citus_cluster(workers: int = 2, settings: dict[str, str] | None = None,
+                        ) -> list[PrivateCluster]:
+    """[coordinator, worker...] of a Citus cluster on 127.0.0.1, running (Citus preloaded,
+    not yet set up: `kwollect-setup-db --citus` does that).  The workers trust connections
+    from 127.0.0.1, as a private cluster network would; the coordinator keeps password
+    authentication for clients, so give it as citus_coordinator by its unix socket
+    directory (`socket_dir:port`), where the nodes' connections to it are trusted."""
+    nodes: list[PrivateCluster] = []
+    try:
+        for n in range(workers + 1):
+            node = PrivateCluster(settings=settings, preload=("citus",))
+            node.init()
+            if n:
+                hba = node.datadir / "pg_hba.conf"
+                hba.write_text("host all all 127.0.0.1/32 trust\n" + hba.read_text())
+            nodes.append(node.start())
+    except BaseException:
+        for node in nodes:
+            node.destroy()
+        raise
+    return nodes

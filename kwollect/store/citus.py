@@ -62,6 +62,10 @@ def check_combination(conf: dict[str, Any]) -> None:
     if conf.get("switch_storage"):
         raise OptionError("--citus and --switch_storage exclude each other: set up a new "
                           "database with --citus and copy the samples with `kwollect migrate`")
+    if conf.get("archive_path"):
+        raise OptionError("--citus and archive_path exclude each other: a tablespace belongs to "
+                          "one server, and Citus does not move the shards of the workers into "
+                          "it; give the workers' data directories the disks instead")
     if str(conf.get("timescaledb", "off")) == "auto":
         conf["timescaledb"] = "off"
     if str(conf.get("timescaledb", "off")) == "on":
@@ -124,13 +128,36 @@ and Citus would otherwise re-create the owner role on the workers whenever the o
 creates an object, with an ALTER ROLE only a superuser may run."""
 
 
-async def without_role_propagation(admin: asyncpg.Connection, database: str) -> None:
-    """ROLE_PROPAGATION off for `database` (run from another database: Citus refuses
-    ALTER DATABASE on a worker from inside the distributed database)."""
+WRITER_CACHED_CONNECTIONS = 16
+"""Connections to each worker a writer's session keeps between its COPYs: a COPY opens one
+per shard it writes (32 shards by default), and with Citus' default of 1 kept, every batch
+opened the others again (benchmarks/scaleout.py --citus: docs/performance.md)."""
+
+
+SESSION_CONNECTIONS = {"citus.max_adaptive_executor_pool_size": 4,
+                       "citus.max_cached_conns_per_worker": 4}
+"""Every session of the database: a query uses at most 4 connections per worker, kept
+between queries.  Citus' defaults (16, 1 kept) opened up to 15 new worker backends for each
+query over the 32 shards: get_metrics, a query per time chunk, took 9 s instead of 0.3 s
+(benchmarks/scaleout.py --citus)."""
+
+
+async def database_settings(admin: asyncpg.Connection, database: str, writer: str) -> None:
+    """ROLE_PROPAGATION off for `database`, and the writer's cached connections (run from
+    another database: Citus refuses ALTER DATABASE on a worker from inside the distributed
+    database)."""
     for name in ROLE_PROPAGATION:
         statement = await admin.fetchval("SELECT format('ALTER DATABASE %I SET %s = off', "
                                          "$1::text, $2::text)", database, name)
         await admin.execute(statement)
+    for name, value in SESSION_CONNECTIONS.items():
+        statement = await admin.fetchval("SELECT format('ALTER DATABASE %I SET %s = %s', "
+                                         "$1::text, $2::text, $3::int)", database, name, value)
+        await admin.execute(statement)
+    statement = await admin.fetchval(
+        "SELECT format('ALTER ROLE %I IN DATABASE %I SET citus.max_cached_conns_per_worker "
+        "= %s', $1::text, $2::text, $3::int)", writer, database, WRITER_CACHED_CONNECTIONS)
+    await admin.execute(statement)
 
 
 async def ensure_extension(conn: asyncpg.Connection) -> None:

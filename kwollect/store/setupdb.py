@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "citus": False,
     "citus_workers": "",
     "citus_coordinator": "",
+    "citus_shard_count": 32,
 }
 
 
@@ -278,7 +279,8 @@ async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
                     "job_energy_metric": str(conf["job_energy_metric"]),
                     "archive_tablespace": ARCHIVE_TABLESPACE if conf["archive_path"] else "",
                     "archive_after_hour": str(positive_int(conf, "archive_after_hour")),
-                    "citus": "on" if conf["citus"] else "off"}
+                    "citus": "on" if conf["citus"] else "off",
+                    "citus_shard_count": str(positive_int(conf, "citus_shard_count"))}
         await conn.executemany(
             "INSERT INTO kwollect.settings (key, value) VALUES ($1, $2) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", list(settings.items()))
@@ -517,7 +519,7 @@ async def prepare_node(admin: asyncpg.Connection, conf: dict[str, Any], roles: d
     await ensure_database(admin, conf["kwollect_db_name"], roles["owner_role"])
     await set_timeouts(admin, conf, roles)
     if conf["citus"]:
-        await citus.without_role_propagation(admin, conf["kwollect_db_name"])
+        await citus.database_settings(admin, conf["kwollect_db_name"], roles["writer_role"])
 
 
 async def citus_check_nodes(admin: asyncpg.Connection, conf: dict[str, Any]) -> None:
