@@ -114,7 +114,8 @@ END $$;
 -- coordinator, known to Citus so that views may join it with distributed tables), before
 -- any view or function uses its row type (Citus cannot distribute a table that such
 -- objects already depend on).
--- Without Citus it does nothing.
+-- Without Citus it does nothing.  A new table that grows with the samples (keyed by
+-- series_id) calls it right after its CREATE TABLE and indexes.
 CREATE OR REPLACE FUNCTION kwollect.distribute(p_table regclass, p_column text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE

@@ -34,7 +34,7 @@ BEGIN
           AND p.prokind = 'f' AND p.provolatile <> 'i'
           AND p.prorettype <> 'void'::regtype
           -- A distributed or reference table, or a view over them, read by name.
-          AND p.prosrc ~ '\.(samples\w*|series|summary|metrics\w*)\y'
+          AND p.prosrc ~ '\.(samples\w*|series|summary\w*|metrics\w*)\y'
     LOOP
         body := regexp_replace(f.prosrc, ';\s*$', '');
         -- The workers run block_samples(c) on a shard, whose row type is not the table's:
