@@ -154,6 +154,9 @@ HELP: dict[str, str] = {
     "archive_path": "directory (owned by the PostgreSQL server) of the archive tablespace; "
                     "empty: no archive",
     "archive_after_hour": "age after which partitions move to the archive tablespace, in hours",
+    "retention_days": "age after which raw samples (partitions and compacted blocks) are "
+                      "dropped, in days; their 5-minute summaries and 1-hour rollups are kept "
+                      "(0: keep raw samples forever)",
     "jobmetrics_requests_path": "file of job-wide metrics requests (one per line) to load",
     "token_expiry_days": "validity of the writer API token printed, in days (0: no expiry)",
     "postgrest_config_path": "where to write the kwollect-api / PostgREST configuration "

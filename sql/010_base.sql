@@ -21,6 +21,7 @@ INSERT INTO kwollect.settings (key, value) VALUES
     ('partitions_ahead', '2'),
     ('archive_tablespace', ''),
     ('archive_after_hour', '192'),
+    ('retention_days', '0'),
     ('min_timestamp', '1970-01-01 00:00:00+00'),
     ('max_timestamp', '2100-01-01 00:00:00+00')
 ON CONFLICT (key) DO NOTHING;

@@ -198,6 +198,7 @@ DECLARE
     space text := nullif(kwollect.setting('archive_tablespace'), '');
     after interval := make_interval(hours => coalesce(kwollect.setting('archive_after_hour'), '192')::int);
     part text;
+    rel text;
     idx text;
 BEGIN
     IF space IS NULL THEN
@@ -205,9 +206,10 @@ BEGIN
     ELSIF kwollect.storage() = 'timescaledb' THEN
         RETURN kwollect.archive_chunk(space, after);
     END IF;
+    -- The raw partition and its compacted blocks (compact_<start>, sql/025_compaction.sql).
     SELECT p.name INTO part
     FROM kwollect.partitions p
-    JOIN pg_class c ON c.relname = p.name
+    JOIN pg_class c ON c.relname IN (p.name, 'compact_' || substr(p.name, 9))
     JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'kwollect_partitions'
     WHERE p.range_end < now() - after
       AND c.reltablespace IS DISTINCT FROM (SELECT oid FROM pg_tablespace WHERE spcname = space)
@@ -216,13 +218,18 @@ BEGIN
     IF part IS NULL THEN
         RETURN NULL;
     END IF;
-    EXECUTE format('ALTER TABLE kwollect_partitions.%I SET TABLESPACE %I', part, space);
-    FOR idx IN SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-               JOIN pg_class t ON t.oid = x.indrelid
-               JOIN pg_namespace n ON n.oid = t.relnamespace
-               WHERE t.relname = part AND n.nspname = 'kwollect_partitions'
+    FOR rel IN SELECT c.relname FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'kwollect_partitions'
+               WHERE c.relname IN (part, 'compact_' || substr(part, 9))
     LOOP
-        EXECUTE format('ALTER INDEX kwollect_partitions.%I SET TABLESPACE %I', idx, space);
+        EXECUTE format('ALTER TABLE kwollect_partitions.%I SET TABLESPACE %I', rel, space);
+        FOR idx IN SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                   JOIN pg_class t ON t.oid = x.indrelid
+                   JOIN pg_namespace n ON n.oid = t.relnamespace
+                   WHERE t.relname = rel AND n.nspname = 'kwollect_partitions'
+        LOOP
+            EXECUTE format('ALTER INDEX kwollect_partitions.%I SET TABLESPACE %I', idx, space);
+        END LOOP;
     END LOOP;
     RETURN part;
 END $$;

@@ -46,6 +46,20 @@ RETURNS bigint[] LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT coalesce((p).c::integer[]::bigint[], (p).s::bigint[], (p).i::bigint[], (p).l)
 $$;
 
+-- The blocks are range-partitioned on block_start, on the bounds of the raw partitions
+-- (kwollect.compact_partition creates kwollect_partitions.compact_<start> beside
+-- samples_<start>), so that old blocks move to the archive tablespace and are dropped by the
+-- retention with their raw partition.  A database made before that had one table: it is set
+-- aside here, and its blocks move into the partitions at the end of this file.
+DO $$
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('kwollect.samples_compact')) = 'r' THEN
+        ALTER TABLE kwollect.samples_compact RENAME TO samples_compact_unpartitioned;
+        ALTER INDEX kwollect.samples_compact_series_block_idx RENAME TO samples_compact_unpartitioned_idx1;
+        ALTER INDEX kwollect.samples_compact_block_idx RENAME TO samples_compact_unpartitioned_idx2;
+    END IF;
+END $$;
+
 CREATE TABLE IF NOT EXISTS kwollect.samples_compact (
     series_id   integer NOT NULL,
     block_start timestamptz NOT NULL,   -- the hour the block covers
@@ -60,7 +74,7 @@ CREATE TABLE IF NOT EXISTS kwollect.samples_compact (
     v_last      bigint,
     v_off       kwollect.int_stream,
     v_raw       double precision[]
-);
+) PARTITION BY RANGE (block_start);
 CREATE INDEX IF NOT EXISTS samples_compact_series_block_idx
     ON kwollect.samples_compact (series_id, block_start);
 CREATE INDEX IF NOT EXISTS samples_compact_block_idx ON kwollect.samples_compact (block_start);
@@ -76,6 +90,9 @@ BEGIN
     END IF;
 END $$;
 SELECT kwollect.distribute('kwollect.samples_compact', 'series_id');
+-- Blocks of a range without its partition (none is written there; a safety net).
+CREATE TABLE IF NOT EXISTS kwollect_partitions.samples_compact_default
+    PARTITION OF kwollect.samples_compact DEFAULT;
 
 ALTER TABLE kwollect.partitions ADD COLUMN IF NOT EXISTS compacted_at timestamptz;
 
@@ -197,6 +214,35 @@ BEGIN
     RETURN n;
 END $$;
 
+-- The partition of samples_compact beside the raw partition p_name (same bounds; named
+-- compact_<start>), created when missing in the raw partition's tablespace, with the blocks
+-- of its range the default partition held.  Returns its name.
+CREATE OR REPLACE FUNCTION kwollect.ensure_compact_partition(p_name text) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    part  text := 'compact_' || substr(p_name, length('samples_') + 1);
+    lo    timestamptz;
+    hi    timestamptz;
+    space text;
+BEGIN
+    IF to_regclass(format('kwollect_partitions.%I', part)) IS NOT NULL THEN
+        RETURN part;
+    END IF;
+    SELECT range_start, range_end INTO lo, hi FROM kwollect.partitions WHERE name = p_name;
+    SELECT t.spcname INTO space FROM pg_class c JOIN pg_tablespace t ON t.oid = c.reltablespace
+    WHERE c.oid = to_regclass(format('kwollect_partitions.%I', p_name));
+    EXECUTE format('CREATE TABLE kwollect_partitions.%I (LIKE kwollect.samples_compact '
+                   'INCLUDING DEFAULTS INCLUDING COMPRESSION) %s', part,
+                   CASE WHEN space IS NULL THEN '' ELSE format('TABLESPACE %I', space) END);
+    EXECUTE format('WITH moved AS (DELETE FROM kwollect_partitions.samples_compact_default
+                                   WHERE block_start >= $1 AND block_start < $2 RETURNING *)
+                    INSERT INTO kwollect_partitions.%I SELECT * FROM moved', part)
+        USING lo, hi;
+    EXECUTE format('ALTER TABLE kwollect.samples_compact ATTACH PARTITION kwollect_partitions.%I
+                    FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
+    RETURN part;
+END $$;
+
 -- Compact one partition: its raw rows, merged with the blocks they fall into (late rows
 -- after an earlier compaction), become blocks.  One transaction; returns the rows encoded.
 CREATE OR REPLACE FUNCTION kwollect.compact_partition(p_name text) RETURNS bigint
@@ -213,6 +259,7 @@ BEGIN
     -- Writers of this partition wait until the end; readers go on (they see the raw rows
     -- until this transaction commits, then the blocks).
     EXECUTE format('LOCK TABLE kwollect_partitions.%I IN SHARE ROW EXCLUSIVE MODE', p_name);
+    PERFORM kwollect.ensure_compact_partition(p_name);
     DROP TABLE IF EXISTS pg_temp.kwollect_compacting;
     CREATE TEMPORARY TABLE kwollect_compacting (
         ts timestamptz, value double precision, series_id integer) ON COMMIT DROP;
@@ -305,4 +352,16 @@ BEGIN
         END;
     END LOOP;
     RETURN n;
+END $$;
+
+-- The blocks of a database made before samples_compact was partitioned, into its partitions.
+DO $$
+BEGIN
+    IF to_regclass('kwollect.samples_compact_unpartitioned') IS NOT NULL THEN
+        INSERT INTO kwollect.samples_compact SELECT * FROM kwollect.samples_compact_unpartitioned;
+        PERFORM kwollect.ensure_compact_partition(p.name) FROM kwollect.partitions p
+        WHERE p.compacted_at IS NOT NULL ORDER BY p.range_start;
+        DROP FUNCTION kwollect.block_samples(kwollect.samples_compact_unpartitioned);
+        DROP TABLE kwollect.samples_compact_unpartitioned;
+    END IF;
 END $$;

@@ -48,7 +48,18 @@ CREATE TABLE IF NOT EXISTS kwollect.summary_1h (
     PRIMARY KEY (series_id, bucket)
 );
 CREATE INDEX IF NOT EXISTS summary_1h_bucket_idx ON kwollect.summary_1h (bucket);
+SELECT kwollect.distribute('kwollect.summary_1h', 'series_id');
 ALTER TABLE kwollect.summary_state ADD COLUMN IF NOT EXISTS rollup_watermark timestamptz;
+
+-- Retention (kwollect-setup-db --retention_days N, setting retention_days): raw samples
+-- before raw_dropped_before were dropped, their summaries and rollups kept; rows_dropped
+-- counts the samples dropped so far.
+CREATE TABLE IF NOT EXISTS kwollect.retention (
+    singleton          boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    raw_dropped_before timestamptz,
+    rows_dropped       bigint NOT NULL DEFAULT 0
+);
+INSERT INTO kwollect.retention (singleton) VALUES (true) ON CONFLICT DO NOTHING;
 
 -- Ranges of 5-minute buckets that refresh_summary recomputed below the rollup watermark.
 CREATE TABLE IF NOT EXISTS kwollect.rollup_dirty (
@@ -145,7 +156,10 @@ BEGIN
         WITH dirty AS (
             DELETE FROM kwollect.summary_dirty RETURNING lo, hi
         ), wanted AS (
-            SELECT kwollect.bucket_of(lo) AS lo,
+            -- not before the retention's horizon: recomputing from the raw rows left (late
+            -- rows only) would overwrite the summaries of the dropped ones
+            SELECT greatest(kwollect.bucket_of(lo),
+                            (SELECT raw_dropped_before FROM kwollect.retention)) AS lo,
                    least(kwollect.bucket_of(hi) + interval '5 minutes', wm) AS hi
             FROM dirty WHERE lo < wm
         ), ordered AS (
@@ -356,6 +370,76 @@ CROSS JOIN LATERAL (
       AND (j.stop_time IS NULL OR d."timestamp" <= j.stop_time)
 ) m;
 
+-- Retention: partitions whose range ended retention_days ago are dropped with their blocks
+-- (compact_<start>), oldest first, once the 5-minute summary and the rollup cover them and no
+-- late rows wait to be summarized there.  Dropping a partition locks kwollect.samples for a
+-- moment: a lock not granted within 1 s (a long export) leaves the rest to the next run.
+-- Late rows that arrive for a dropped range later are not summarized (the summaries of the
+-- dropped rows would be lost) and are dropped by the next run, counted in rows_dropped.
+-- Returns what was done, NULL without retention.
+CREATE OR REPLACE FUNCTION kwollect.apply_retention() RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '1s' AS $$
+DECLARE
+    days    integer := nullif(kwollect.setting('retention_days'), '')::integer;
+    covered timestamptz;
+    part    record;
+    raw     bigint;
+    blocks  bigint;
+    rows    bigint := 0;
+    dropped integer := 0;
+BEGIN
+    IF days IS NULL OR days <= 0 OR kwollect.storage() <> 'stock' THEN
+        RETURN NULL;
+    END IF;
+    SELECT least(now() - make_interval(days => days), coalesce(watermark, '-infinity'),
+                 coalesce(rollup_watermark, '-infinity'))
+      INTO covered FROM kwollect.summary_state;
+    FOR part IN SELECT p.name, p.range_start, p.range_end, 'compact_' || substr(p.name, 9) AS blocks
+                FROM kwollect.partitions p
+                WHERE p.range_end <= covered
+                  AND NOT EXISTS (SELECT 1 FROM kwollect.summary_dirty d
+                                  WHERE d.lo < p.range_end AND d.hi >= p.range_start)
+                  AND NOT EXISTS (SELECT 1 FROM kwollect.rollup_dirty d
+                                  WHERE d.lo < p.range_end AND d.hi >= p.range_start)
+                ORDER BY p.range_start
+    LOOP
+        BEGIN
+            EXECUTE format('SELECT count(*) FROM kwollect_partitions.%I', part.name) INTO raw;
+            blocks := 0;
+            IF to_regclass(format('kwollect_partitions.%I', part.blocks)) IS NOT NULL THEN
+                EXECUTE format('SELECT coalesce(sum(n), 0) FROM kwollect_partitions.%I',
+                               part.blocks) INTO blocks;
+                EXECUTE format('DROP TABLE kwollect_partitions.%I', part.blocks);
+            END IF;
+            EXECUTE format('DROP TABLE kwollect_partitions.%I', part.name);
+            DELETE FROM kwollect.partitions WHERE name = part.name;
+            UPDATE kwollect.retention
+               SET raw_dropped_before = greatest(raw_dropped_before, part.range_end),
+                   rows_dropped = rows_dropped + raw + blocks;
+            rows := rows + raw + blocks;
+            dropped := dropped + 1;
+        EXCEPTION WHEN lock_not_available THEN
+            EXIT;
+        END;
+    END LOOP;
+    RETURN jsonb_build_object('partitions', dropped, 'rows', rows);
+END $$;
+
+-- get_metrics of raw rows before the retention's horizon: refused, saying why (HTTP 410),
+-- rather than answering the part that is left as if it were all.
+CREATE OR REPLACE FUNCTION kwollect.check_retention(p_start timestamptz) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_start < r.raw_dropped_before
+                THEN kwollect.fail(
+                         format('raw samples before %s were dropped (retention of %s days); '
+                                'their 5-minute summaries and 1-hour rollups are kept',
+                                r.raw_dropped_before, kwollect.setting('retention_days')),
+                         'Ask for summary=true (5 minutes) or summary=1h, or start at or '
+                         'after that time.', 'PT410')
+                ELSE true END
+    FROM kwollect.retention r
+$$;
+
 -- Periodic maintenance: partitions ahead of time, stray rows out of the default
 -- partition, summaries up to date.  Safe to run concurrently (the second caller waits or
 -- skips).  Runs as the owner; the writer role may call it (`kwollect maintain`).
@@ -368,6 +452,7 @@ DECLARE
     moved    integer;
     written  bigint;
     rolled   bigint;
+    retained jsonb;
     archived text;
     compacted bigint;
 BEGIN
@@ -378,10 +463,12 @@ BEGIN
     DELETE FROM kwollect.written_batches WHERE written_at < now() - interval '7 days';
     written := kwollect.refresh_summary();
     rolled := kwollect.refresh_rollup();
+    retained := kwollect.apply_retention();
     -- After the summaries: a late row is summarized before it is compacted.
     compacted := kwollect.compact_partitions();
     RETURN jsonb_build_object('partitions_created', created + coalesce(moved, 0),
                               'summary_rows', written, 'rollup_rows', rolled,
+                              'retention_dropped', retained,
                               'archived', archived,
                               'compacted_rows', compacted,
                               'partitions_released', kwollect.release_compacted());

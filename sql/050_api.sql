@@ -316,8 +316,9 @@ LANGUAGE sql STABLE AS $$
            alias.ids, (alias.map).base, (alias.map).ranks
     FROM req, own, alias
     WHERE coalesce(p_summary, false)
-       OR kwollect.check_row_bound((SELECT array_agg(series_id) FROM sel),
-                                   req.start_time, req.end_time)
+       OR kwollect.check_retention(req.start_time)
+          AND kwollect.check_row_bound((SELECT array_agg(series_id) FROM sel),
+                                       req.start_time, req.end_time)
 $$;
 
 -- The rows of one chunk of a plan, narrow and unsorted: (ts, rank of the output series,

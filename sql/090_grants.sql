@@ -29,6 +29,7 @@ BEGIN
                    'public.promoted_metrics_job TO %I, %I', writer, reader);
     EXECUTE format('GRANT SELECT ON kwollect.series, kwollect.samples, kwollect.summary, '
                    'kwollect.summary_1h, kwollect.summaries, kwollect.summaries_by_device, '
+                   'kwollect.retention, '
                    'kwollect.summary_state, kwollect.summary_dirty, kwollect.settings, '
                    'kwollect.partitions, kwollect.samples_compact, kwollect.jobmetrics_requests TO %I, %I', writer, reader);
     EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA kwollect TO %I, %I', writer, reader);

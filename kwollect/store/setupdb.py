@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "job_energy_metric": "bmc_node_power_watt",
     "archive_path": "",
     "archive_after_hour": 192,
+    "retention_days": 0,
     "jobmetrics_requests_path": "",
     "token_expiry_days": 365,
     "postgrest_config_path": "",
@@ -82,6 +83,14 @@ DEFAULTS: dict[str, Any] = {
 
 
 ARCHIVE_TABLESPACE = "kwollect_archive"
+
+
+def retention_days(conf: dict[str, Any]) -> int:
+    """--retention_days: 0 keeps raw samples forever, N > 0 drops them after N days."""
+    value = conf["retention_days"]
+    if value == 0:
+        return 0
+    return positive_int(conf, "retention_days")
 
 
 def sql_dir() -> Path:
@@ -280,7 +289,8 @@ async def apply_schema(conn: asyncpg.Connection, conf: dict[str, Any],
                     "archive_tablespace": ARCHIVE_TABLESPACE if conf["archive_path"] else "",
                     "archive_after_hour": str(positive_int(conf, "archive_after_hour")),
                     "citus": "on" if conf["citus"] else "off",
-                    "citus_shard_count": str(positive_int(conf, "citus_shard_count"))}
+                    "citus_shard_count": str(positive_int(conf, "citus_shard_count")),
+                    "retention_days": str(retention_days(conf))}
         await conn.executemany(
             "INSERT INTO kwollect.settings (key, value) VALUES ($1, $2) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", list(settings.items()))
