@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from tests.sqlapi import iso, load
+from tests.test_rollup import settle
 from tests.test_setup_db import connect, run_setup
 
 SUMMARY_ROWS = ("SELECT s.bucket, s.count, s.nan_count, s.avg, s.min, s.max, s.last "
@@ -36,17 +37,6 @@ async def tablespace(conn: asyncpg.Connection, relation: str) -> str | None:
     return await conn.fetchval(
         "SELECT t.spcname FROM pg_class c LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace "
         "WHERE c.oid = to_regclass($1)", f'kwollect_partitions."{relation}"')
-
-
-async def settle(conn: asyncpg.Connection) -> None:
-    """maintain() until the rollup covers what the 5-minute summary covers."""
-    for _ in range(20):
-        await conn.execute("SELECT kwollect.maintain()")
-        if await conn.fetchval(
-                "SELECT rollup_watermark >= date_bin('1 hour', watermark, timestamptz 'epoch') "
-                "FROM kwollect.summary_state"):
-            return
-    raise AssertionError("the rollup did not catch up with the summary")
 
 
 def test_archive_moves_compacted_blocks_with_their_partition(pg_cluster, tmp_path):
@@ -75,7 +65,7 @@ def test_archive_moves_compacted_blocks_with_their_partition(pg_cluster, tmp_pat
             got = await conn.fetch(
                 "SELECT timestamp, value FROM api.get_metrics(devices => 'arc-1', "
                 "start_time => $1, end_time => $2)", iso(old), iso(old + timedelta(hours=1)))
-            assert [(r["timestamp"], r["value"]) for r in got] == [(t, v) for t, _, _, v, _ in rows]
+            assert [(r["timestamp"], r["value"]) for r in got] == [(r[0], r[3]) for r in rows]
             # a late row merged by a later compaction stays in the archive
             await load(conn, [(old + timedelta(minutes=30, microseconds=5), "arc-1", "m", -1.0,
                                None)])
@@ -147,9 +137,9 @@ def test_retention_drops_raw_data_and_keeps_summaries(pg_cluster, tmp_path):
                     "SELECT * FROM api.get_metrics(devices => 'ret-1', start_time => $1, "
                     "end_time => $2, summary => $3::text)", iso(old),
                     iso(old + timedelta(minutes=59)), level)) == count
-            assert len(await conn.fetch(
+            assert len(await conn.fetch(  # both ends inclusive: 121 samples
                 "SELECT * FROM api.get_metrics(devices => 'ret-1', start_time => $1, "
-                "end_time => $2)", iso(recent), iso(recent + timedelta(hours=1)))) == 121  # both ends
+                "end_time => $2)", iso(recent), iso(recent + timedelta(hours=1)))) == 121
 
             # late rows for the dropped range: summaries unchanged, the rows dropped, counted
             await load(conn, [(old + timedelta(seconds=7), "ret-1", "power", 1e6, None)])
