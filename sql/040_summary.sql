@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS kwollect.summary_1h (
     PRIMARY KEY (series_id, bucket)
 );
 CREATE INDEX IF NOT EXISTS summary_1h_bucket_idx ON kwollect.summary_1h (bucket);
-SELECT kwollect.distribute('kwollect.summary_1h', 'series_id');
 ALTER TABLE kwollect.summary_state ADD COLUMN IF NOT EXISTS rollup_watermark timestamptz;
 
 -- Retention (kwollect-setup-db --retention_days N, setting retention_days): raw samples
