@@ -17,6 +17,7 @@ from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.selfmetrics import prometheus_text, self_readings
 from tests.fixtures.kwollector import Kwollector  # noqa: F401 (other tests import it here)
 from tests.fixtures.snmp import BULK
+from tests.sqlapi import wait_for
 
 OIDS = sorted(BULK)
 REFERENCE_FILE = """\
@@ -65,6 +66,12 @@ async def count_rows(kwdb, device):
         await conn.close()
 
 
+async def count_distinct_metrics(conn, device, at_least):
+    n = await conn.fetchval("SELECT count(DISTINCT metric_id) FROM metrics WHERE device_id = $1",
+                            device)
+    return n >= at_least
+
+
 async def rows(conn, device, metric=None):
     return await conn.fetch(
         "SELECT timestamp, metric_id, value FROM metrics WHERE device_id = $1 "
@@ -81,7 +88,10 @@ async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_ag
         {"name": "prom", "device_id": "kw1-node",
          "url": f"prometheus://{node_exporter.address}/node_load1-node_boot_time_seconds"}])
     k.start()
-    await asyncio.sleep(4)
+    # every target polled and written at least once (no fixed sleep: a loaded machine may
+    # take seconds to start the process)
+    await wait_for(lambda: count_distinct_metrics(writer, "kw1-pdu", 5), timeout=90, step=0.5)
+    await wait_for(lambda: rows(writer, "kw1-node"), timeout=90, step=0.5)
     # the kwollector's own health, as a Prometheus endpoint
     port = re.search(r"prometheus_port: (\d+)", k.config.read_text()).group(1)
     exposition = await asyncio.to_thread(
@@ -96,7 +106,8 @@ async def test_collects_snmp_and_prometheus_into_the_database(collector, snmp_ag
     write_descriptions(k.metrics_dir, "more.yaml", [
         {"name": "late", "device_id": "kw1-late", "url": snmp_agent.url(OIDS[9])}])
     k.signal(signal.SIGHUP)
-    await asyncio.sleep(2)
+    await wait_for(lambda: rows(writer, "kw1-late", "late"), timeout=90, step=0.5)
+    await wait_for(lambda: rows(writer, "kw1-self"), timeout=90, step=0.5)
     assert k.stop() == 0, k.log()
     pdu = await rows(writer, "kw1-pdu")
     assert {r["metric_id"] for r in pdu} == {f"oid{i}" for i in range(5)}
@@ -116,14 +127,17 @@ async def test_promotion_from_the_database(collector, snmp_agent, writer):
          "optional": True}])
     k.start()
     try:
-        await asyncio.sleep(3)
+        # running and polling: the always-on metric is stored, the optional one is not
+        await wait_for(lambda: rows(writer, "kw2-node", "always"), timeout=90, step=0.5)
+        await asyncio.sleep(2)
         assert await rows(writer, "kw2-node", "fan_rpm") == []
         promoted_at = datetime.now(UTC)
         await writer.execute("INSERT INTO promoted_metrics (device_id, metric_id) "
                              "VALUES ('kw2-node', 'fan_.*')")
-        await asyncio.sleep(3)
-        got = await rows(writer, "kw2-node", "fan_rpm")
-        assert got and (got[0]["timestamp"] - promoted_at).total_seconds() < 2.5
+        # picked up from the notification, without a restart; no bound on how soon (a
+        # loaded machine delays it), but nothing was collected before the promotion
+        got = await wait_for(lambda: rows(writer, "kw2-node", "fan_rpm"), timeout=90, step=0.5)
+        assert got[0]["timestamp"] >= promoted_at
     finally:
         await writer.execute("DELETE FROM promoted_metrics WHERE device_id = 'kw2-node'")
         assert k.stop() == 0, k.log()
