@@ -6,8 +6,6 @@ drops raw partitions and blocks older than N days, keeping the 5-minute summarie
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -15,22 +13,11 @@ import pytest
 
 from tests.sqlapi import iso, load
 from tests.test_rollup import settle
-from tests.test_setup_db import connect, run_setup
+from tests.test_setup_db import archive_dir, connect, run_setup
 
 SUMMARY_ROWS = ("SELECT s.bucket, s.count, s.nan_count, s.avg, s.min, s.max, s.last "
                 "FROM kwollect.{} s JOIN kwollect.series se USING (series_id) "
                 "WHERE se.device_id = $1 ORDER BY s.bucket")
-
-
-def archive_dir(pg_cluster):
-    """Beside the cluster's own files (pytest's tmp_path is private to root); a tablespace is
-    the cluster's: the same directory as tests/test_setup_db.py's and test_timescaledb.py's."""
-    archive = pg_cluster.base / "archive"
-    archive.mkdir(exist_ok=True)
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(archive, user.pw_uid, user.pw_gid)
-    return archive
 
 
 async def tablespace(conn: asyncpg.Connection, relation: str) -> str | None:

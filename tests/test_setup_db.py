@@ -122,13 +122,20 @@ def test_roles_log_in_with_their_passwords(pg_cluster, kwdb, role, password):
     asyncio.run(check())
 
 
-def test_archive_moves_old_partitions(pg_cluster, tmp_path):
-    # beside the cluster's own files: pytest's tmp_path is private to root
+def archive_dir(pg_cluster):
+    """The archive tablespace's directory, beside the cluster's own files (pytest's tmp_path
+    is private to root), owned by postgres; a tablespace is the cluster's, so every archive
+    test (here, test_timescaledb.py, test_retention.py) uses this one directory."""
     archive = pg_cluster.base / "archive"
-    archive.mkdir(exist_ok=True)  # tests/test_timescaledb.py archives chunks there too
+    archive.mkdir(exist_ok=True)
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(archive, user.pw_uid, user.pw_gid)
+    return archive
+
+
+def test_archive_moves_old_partitions(pg_cluster, tmp_path):
+    archive = archive_dir(pg_cluster)
     assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive), "--timescaledb", "off",
                      "--archive_after_hour", "24", database="kwdb_archive") == 0
 
