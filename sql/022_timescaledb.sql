@@ -5,7 +5,8 @@
 -- reader is the same on both storages.  These functions are defined on every storage (plpgsql
 -- bodies are resolved when called) and called only on a hypertable, by the storage's entry
 -- points: ensure_partitions -> record_chunks, archive_partitions -> archive_chunk,
--- compact_partitions (025) -> compress_chunks.  None is SECURITY DEFINER: they run inside
+-- compact_partitions (025) -> compress_chunks, apply_retention (040) -> chunks_before and
+-- drop_chunk.  None is SECURITY DEFINER: they run inside
 -- kwollect.maintain(), as the owner of the hypertable.
 
 -- Record in kwollect.partitions the chunks that inserts created and no recorded range covers
@@ -102,6 +103,39 @@ BEGIN
         total := total + n;
     END LOOP;
     RETURN total;
+END $$;
+
+-- Retention on a hypertable (kwollect.apply_retention, sql/040): the chunks whose range
+-- ended by p_before, oldest first, by their schema-qualified names.
+CREATE OR REPLACE FUNCTION kwollect.chunks_before(p_before timestamptz)
+RETURNS TABLE (name text, range_start timestamptz, range_end timestamptz)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT format('%I.%I', c.chunk_schema, c.chunk_name), c.range_start, c.range_end
+    FROM timescaledb_information.chunks c
+    WHERE c.hypertable_schema = 'kwollect' AND c.hypertable_name = 'samples'
+      AND c.range_end <= p_before
+    ORDER BY c.range_start;
+END $$;
+
+-- Drop one chunk, compressed or not (its compressed chunk, TOAST and indexes go with it), by
+-- TimescaleDB's drop_chunks on exactly its range; returns the samples it held.  count(*) of
+-- a compressed chunk reads its batches' counts, not their data.  drop_chunks locks the chunk
+-- and its compressed chunk, not the hypertable (pg_locks inside its transaction), so the
+-- rest of the samples stay readable and writable meanwhile.  The ranges recorded in
+-- kwollect.partitions up to the chunk's end go too: chunks are dropped in time order from
+-- the oldest, so nothing is left before that end.
+CREATE OR REPLACE FUNCTION kwollect.drop_chunk(p_name text, p_start timestamptz,
+                                               p_end timestamptz) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s', p_name::regclass) INTO n;
+    PERFORM public.drop_chunks('kwollect.samples', older_than => p_end, newer_than => p_start);
+    DELETE FROM kwollect.partitions WHERE range_end <= p_end;
+    RETURN n;
 END $$;
 
 -- Switching an existing database to the other storage (kwollect-setup-db --timescaledb

@@ -371,49 +371,65 @@ CROSS JOIN LATERAL (
       AND (j.stop_time IS NULL OR d."timestamp" <= j.stop_time)
 ) m;
 
--- Retention: partitions whose range ended retention_days ago are dropped with their blocks
--- (compact_<start>), oldest first, once the 5-minute summary and the rollup cover them and no
--- late rows wait to be summarized there.  Dropping a partition locks kwollect.samples for a
--- moment: a lock not granted within 1 s (a long export) leaves the rest to the next run.
--- Late rows that arrive for a dropped range later are not summarized (the summaries of the
--- dropped rows would be lost) and are dropped by the next run, counted in rows_dropped.
--- Returns what was done, NULL without retention.
+-- Retention: partitions (chunks of a hypertable) whose range ended retention_days ago are
+-- dropped with their blocks (compact_<start>; a chunk with its compressed chunk,
+-- kwollect.drop_chunk in 022), oldest first, once the 5-minute summary and the rollup cover
+-- them.  The first range where late rows still wait to be summarized stops the run: the
+-- horizon (raw_dropped_before) never passes a range whose summaries are not final, since
+-- refresh_summary does not recompute before it.  Dropping a partition locks
+-- kwollect.samples for a moment, a chunk only itself: a lock not granted within 1 s (a long
+-- export) leaves the rest to the next run.  Late rows that arrive for a dropped range later
+-- are not summarized (the summaries of the dropped rows would be lost) and are dropped by
+-- the next run, counted in rows_dropped.  Returns what was done, NULL without retention.
 CREATE OR REPLACE FUNCTION kwollect.apply_retention() RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '1s' AS $$
 DECLARE
     days    integer := nullif(kwollect.setting('retention_days'), '')::integer;
+    hyper   boolean := kwollect.storage() = 'timescaledb';
     covered timestamptz;
+    old     refcursor;
     part    record;
+    compact text;
     raw     bigint;
     blocks  bigint;
     rows    bigint := 0;
     dropped integer := 0;
 BEGIN
-    IF days IS NULL OR days <= 0 OR kwollect.storage() <> 'stock' THEN
+    IF days IS NULL OR days <= 0 THEN
         RETURN NULL;
     END IF;
     SELECT least(now() - make_interval(days => days), coalesce(watermark, '-infinity'),
                  coalesce(rollup_watermark, '-infinity'))
       INTO covered FROM kwollect.summary_state;
-    FOR part IN SELECT p.name, p.range_start, p.range_end, 'compact_' || substr(p.name, 9) AS blocks
-                FROM kwollect.partitions p
-                WHERE p.range_end <= covered
-                  AND NOT EXISTS (SELECT 1 FROM kwollect.summary_dirty d
-                                  WHERE d.lo < p.range_end AND d.hi >= p.range_start)
-                  AND NOT EXISTS (SELECT 1 FROM kwollect.rollup_dirty d
-                                  WHERE d.lo < p.range_end AND d.hi >= p.range_start)
-                ORDER BY p.range_start
+    IF hyper THEN
+        OPEN old FOR SELECT c.name, c.range_start, c.range_end
+                     FROM kwollect.chunks_before(covered) c;
+    ELSE
+        OPEN old FOR SELECT p.name, p.range_start, p.range_end FROM kwollect.partitions p
+                     WHERE p.range_end <= covered ORDER BY p.range_start;
+    END IF;
     LOOP
+        FETCH old INTO part;
+        EXIT WHEN NOT FOUND
+               OR EXISTS (SELECT 1 FROM kwollect.summary_dirty d
+                          WHERE d.lo < part.range_end AND d.hi >= part.range_start)
+               OR EXISTS (SELECT 1 FROM kwollect.rollup_dirty d
+                          WHERE d.lo < part.range_end AND d.hi >= part.range_start);
         BEGIN
-            EXECUTE format('SELECT count(*) FROM kwollect_partitions.%I', part.name) INTO raw;
             blocks := 0;
-            IF to_regclass(format('kwollect_partitions.%I', part.blocks)) IS NOT NULL THEN
-                EXECUTE format('SELECT coalesce(sum(n), 0) FROM kwollect_partitions.%I',
-                               part.blocks) INTO blocks;
-                EXECUTE format('DROP TABLE kwollect_partitions.%I', part.blocks);
+            IF hyper THEN
+                raw := kwollect.drop_chunk(part.name, part.range_start, part.range_end);
+            ELSE
+                compact := 'compact_' || substr(part.name, 9);
+                EXECUTE format('SELECT count(*) FROM kwollect_partitions.%I', part.name) INTO raw;
+                IF to_regclass(format('kwollect_partitions.%I', compact)) IS NOT NULL THEN
+                    EXECUTE format('SELECT coalesce(sum(n), 0) FROM kwollect_partitions.%I',
+                                   compact) INTO blocks;
+                    EXECUTE format('DROP TABLE kwollect_partitions.%I', compact);
+                END IF;
+                EXECUTE format('DROP TABLE kwollect_partitions.%I', part.name);
+                DELETE FROM kwollect.partitions WHERE name = part.name;
             END IF;
-            EXECUTE format('DROP TABLE kwollect_partitions.%I', part.name);
-            DELETE FROM kwollect.partitions WHERE name = part.name;
             UPDATE kwollect.retention
                SET raw_dropped_before = greatest(raw_dropped_before, part.range_end),
                    rows_dropped = rows_dropped + raw + blocks;
@@ -423,6 +439,7 @@ BEGIN
             EXIT;
         END;
     END LOOP;
+    CLOSE old;
     RETURN jsonb_build_object('partitions', dropped, 'rows', rows);
 END $$;
 
