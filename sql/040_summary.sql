@@ -377,8 +377,9 @@ CROSS JOIN LATERAL (
 -- them.  The first range where late rows still wait to be summarized stops the run: the
 -- horizon (raw_dropped_before) never passes a range whose summaries are not final, since
 -- refresh_summary does not recompute before it.  Dropping a partition locks
--- kwollect.samples for a moment, a chunk only itself: a lock not granted within 1 s (a long
--- export) leaves the rest to the next run.  Late rows that arrive for a dropped range later
+-- kwollect.samples exclusively until the transaction ends (maintain() calls this last), a
+-- chunk only itself: a lock not granted within 1 s (a long export) leaves the rest to the
+-- next run.  Late rows that arrive for a dropped range later
 -- are not summarized (the summaries of the dropped rows would be lost) and are dropped by
 -- the next run, counted in rows_dropped.  Returns what was done, NULL without retention.
 CREATE OR REPLACE FUNCTION kwollect.apply_retention() RETURNS jsonb
@@ -481,9 +482,13 @@ BEGIN
     DELETE FROM kwollect.written_batches WHERE written_at < now() - interval '7 days';
     written := kwollect.refresh_summary();
     rolled := kwollect.refresh_rollup();
-    retained := kwollect.apply_retention();
     -- After the summaries: a late row is summarized before it is compacted.
     compacted := kwollect.compact_partitions();
+    -- After the summaries (a range is dropped once they cover it) and last but for the
+    -- release: on stock PostgreSQL, dropping a partition locks kwollect.samples exclusively
+    -- until maintain() commits, and before the compaction (up to 30 s) every reader and
+    -- writer waited for that too.
+    retained := kwollect.apply_retention();
     RETURN jsonb_build_object('partitions_created', created + coalesce(moved, 0),
                               'summary_rows', written, 'rollup_rows', rolled,
                               'retention_dropped', retained,
