@@ -80,11 +80,20 @@ $$;
 -- beyond float8); p_n the number of terms.  A quotient below the smallest double is 0.
 -- Measured: avg() of float8 failed with "value out of range" on values near 1e160 (its
 -- sum of squares overflows) and on subnormal quotients, stopping every summary.
+-- p_small / p_n cannot overflow (p_n >= 1) and fails only where IEEE rounds it to a zero,
+-- that is where |p_small| / p_n <= 2^-1075, half the smallest double: 2 |p_small| <=
+-- p_n * 2^-1074, both sides exact (counts below 2^53), is tested first, without the
+-- exception block of kwollect.float8_div_rounded: on Citus, entering one while the
+-- summary's INSERT ... SELECT streamed to the workers failed with "another command is
+-- already in progress".
 CREATE OR REPLACE FUNCTION kwollect.mean_of(p_small double precision, p_big numeric,
                                             p_n numeric)
 RETURNS double precision LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN p_n IS NULL OR p_n = 0 THEN NULL
-                WHEN p_big IS NULL THEN kwollect.float8_div(p_small, p_n::double precision)
+                WHEN p_big IS NULL AND p_small <> 0
+                     AND 2 * abs(p_small) <= p_n::double precision * 5e-324 THEN
+                    CASE WHEN p_small < 0 THEN '-0'::double precision ELSE 0 END
+                WHEN p_big IS NULL THEN p_small / p_n::double precision
                 ELSE (SELECT CASE WHEN abs(q) < 1e-300 THEN 0 ELSE q::double precision END
                       FROM (SELECT (coalesce(p_small, 0)::text::numeric + p_big) / p_n AS q) x)
            END
@@ -370,6 +379,23 @@ CROSS JOIN LATERAL (
       AND d."timestamp" >= kwollect.bucket_of(j.start_time)
       AND (j.stop_time IS NULL OR d."timestamp" <= j.stop_time)
 ) m;
+
+-- metrics_by_job_summary of the 1-hour rollup: the hours a job overlaps, from the hour it
+-- started in (its first hour is partial, as its first 5-minute bucket is above).
+CREATE OR REPLACE VIEW public.metrics_by_job_summary_1h AS
+SELECT m."timestamp", m.device_id, m.metric_id, m.value, m.labels,
+       j.start_time, j.stop_time, j.job_id
+FROM public.nodetime_by_job j
+CROSS JOIN LATERAL (
+    SELECT * FROM public.metrics_by_device_summary_1h d
+    WHERE d.device_id = j.node
+      AND d."timestamp" >= date_bin('1 hour', j.start_time, timestamptz '1970-01-01 00:00:00+00')
+      AND (j.stop_time IS NULL OR d."timestamp" <= j.stop_time)
+) m;
+COMMENT ON VIEW public.metrics_by_job_summary_1h IS
+    'metrics_by_job of the 1-hour rollup (kwollect.summary_1h): one row per node, metric and '
+    'hour of the job (from the hour it started in), value = avg, or max for metric ids '
+    'ending in _total; NaN for an hour without numbers.';
 
 -- Retention: partitions (chunks of a hypertable) whose range ended retention_days ago are
 -- dropped with their blocks (compact_<start>; a chunk with its compressed chunk,

@@ -24,7 +24,8 @@ BEGIN
     EXECUTE format('GRANT SELECT ON public.metrics, public.metrics_by_device, '
                    'public.metrics_by_device_summary, public.metrics_by_device_summary_1h, '
                    'public.metrics_summary_1h, public.metrics_by_job, '
-                   'public.metrics_by_job_summary, public.metrics_summary, public.jobmetrics, '
+                   'public.metrics_by_job_summary, public.metrics_by_job_summary_1h, '
+                   'public.metrics_summary, public.jobmetrics, '
                    'public.promoted_metrics, public.nodetime_per_job, public.nodetime_by_job, '
                    'public.promoted_metrics_job TO %I, %I', writer, reader);
     EXECUTE format('GRANT SELECT ON kwollect.series, kwollect.samples, kwollect.summary, '

@@ -1,6 +1,7 @@
 """The 1-hour rollup (kwollect.summary_1h), built by kwollect.maintain() from the 5-minute
 summary: its values against a direct computation over the raw rows, late rows and compacted
-partitions, and how users reach it (get_metrics summary=1h, metrics_by_device_summary_1h)."""
+partitions, and how users reach it (get_metrics summary=1h, metrics_by_device_summary_1h,
+metrics_by_job_summary_1h), on each storage (stock, TimescaleDB, Citus)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,24 @@ import aiohttp
 import asyncpg
 import pytest
 
+from tests.fixtures.gateway import start_test_gateway
 from tests.sqlapi import get_metrics, iso, load
 
 BASE = datetime(2019, 5, 5, 10, 0, tzinfo=UTC)
 HUGE = [1e308, 1.5e308, -1e308, 1.7e308]  # averages times counts overflow double precision
+
+
+@pytest.fixture(scope="module")
+def kwdb(each_storage):
+    """Every test here runs on each storage (stock, TimescaleDB, Citus: tests/fixtures/kwdb.py)."""
+    return each_storage
+
+
+@pytest.fixture(scope="module")
+def gateway(kwdb, tmp_path_factory):
+    """An HTTP gateway on this module's database (the session's serves the stock one)."""
+    with start_test_gateway(kwdb, tmp_path_factory.mktemp("gateway")) as server:
+        yield server
 
 
 def power(i: int) -> float:
@@ -133,15 +148,24 @@ async def test_late_rows_update_their_hour_only(admin, writer, reader, hours):
 
 async def test_rollup_of_compacted_partitions_and_late_rows_into_them(admin, writer, reader,
                                                                       hours):
-    """Compaction changes nothing; a late row into a compacted hour is rolled up (from the
-    5-minute summary recomputed over blocks and raw rows)."""
-    parts = [r["name"] for r in await admin.fetch(
-        "SELECT name FROM kwollect.partitions WHERE range_start < $2 AND range_end > $1",
-        BASE, BASE + timedelta(hours=3))]
-    for name in parts:
-        await admin.execute("SELECT kwollect.compact_partition($1)", name)
-    assert await admin.fetchval("SELECT count(*) FROM kwollect.samples_compact c JOIN "
-                                "kwollect.series s USING (series_id) WHERE s.device_id = 'ru-1'")
+    """Compaction (TimescaleDB: its compression) changes nothing; a late row into a compacted
+    hour is rolled up (from the 5-minute summary recomputed over blocks and raw rows)."""
+    window = (BASE, BASE + timedelta(hours=3))
+    if await admin.fetchval("SELECT kwollect.storage()") == "timescaledb":
+        chunks = ("FROM timescaledb_information.chunks WHERE hypertable_name = 'samples' "
+                  "AND range_start < $2 AND range_end > $1")
+        await admin.execute("SELECT compress_chunk(format('%I.%I', chunk_schema, chunk_name), "
+                            "if_not_compressed => true) " + chunks, *window)
+        assert await admin.fetchval("SELECT bool_and(is_compressed) " + chunks, *window)
+    else:
+        parts = [r["name"] for r in await admin.fetch(
+            "SELECT name FROM kwollect.partitions WHERE range_start < $2 AND range_end > $1",
+            *window)]
+        for name in parts:
+            await admin.execute("SELECT kwollect.compact_partition($1)", name)
+        assert await admin.fetchval(
+            "SELECT count(*) FROM kwollect.samples_compact c JOIN kwollect.series s "
+            "USING (series_id) WHERE s.device_id = 'ru-1'")
     late = [(BASE + timedelta(hours=2, minutes=30, seconds=1), "ru-1", "ru_power", 9999.0, None)]
     await load(writer, late)
     await settle(admin)
@@ -200,6 +224,38 @@ async def test_http_summary_1h_and_the_grafana_view(gateway, reader, writer, adm
     view = await reader.fetch("SELECT timestamp, value, labels FROM metrics_by_device_summary_1h "
                               "WHERE device_id = 'ru-node' AND metric_id = 'ru_w'")
     assert [(r["timestamp"], r["value"]) for r in view] == [(BASE, 30.0)]
+
+
+async def test_metrics_by_job_summary_1h_gives_the_hours_of_a_job(writer, reader, hours):
+    """A job's hours from the hour it started in to its stop time (a running one: to the
+    last hour rolled up), per node and metric, as metrics_by_device_summary_1h has them."""
+    await writer.executemany(
+        "INSERT INTO nodetime_per_job VALUES ($1, $2, $3, 'ru-1')",
+        [(12001, BASE + timedelta(minutes=40), BASE + timedelta(hours=2, minutes=10)),
+         (12002, BASE + timedelta(hours=2, minutes=5), None)])
+    job = ("SELECT timestamp, metric_id, value, labels, start_time, stop_time "
+           "FROM metrics_by_job_summary_1h WHERE job_id = $1 "
+           "ORDER BY timestamp, metric_id")
+    device = ("SELECT timestamp, metric_id, value, labels FROM metrics_by_device_summary_1h "
+              "WHERE device_id = 'ru-1' AND timestamp >= $1 ORDER BY timestamp, metric_id")
+    done = await reader.fetch(job, 12001)
+    assert [(r["timestamp"], r["metric_id"]) for r in done] == [
+        (BASE + timedelta(hours=h), m) for h in range(3) for m in sorted(SERIES)]
+    same = [(r["timestamp"], r["metric_id"], repr(r["value"]), r["labels"])  # NaN == NaN
+            for r in await reader.fetch(device, BASE)]
+    assert [(r["timestamp"], r["metric_id"], repr(r["value"]), r["labels"]) for r in done] == same
+    assert {(r["start_time"], r["stop_time"]) for r in done} == {
+        (BASE + timedelta(minutes=40), BASE + timedelta(hours=2, minutes=10))}
+    expected = expected_hours(hours)
+    by_key = {(r["metric_id"], r["timestamp"]): r["value"] for r in done}
+    hour = BASE + timedelta(hours=1)
+    assert by_key["ru_power", hour] == pytest.approx(expected["ru_power", hour]["avg"],
+                                                     rel=1e-12)
+    assert by_key["ru_bytes_total", hour] == expected["ru_bytes_total", hour]["max"]
+    assert math.isnan(by_key["ru_nan", hour])
+    running = await reader.fetch(job, 12002)
+    assert [(r["timestamp"], r["metric_id"]) for r in running] == [
+        (BASE + timedelta(hours=2), m) for m in sorted(SERIES)]
 
 
 async def test_months_through_the_1h_rollup(admin, writer, reader):
