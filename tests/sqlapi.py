@@ -69,3 +69,14 @@ async def wait_for(condition, timeout: float = 60.0, step: float = 0.05):
             raise TimeoutError("condition not met")
         await asyncio.sleep(step)
 
+
+async def settle_rollup(admin: asyncpg.Connection) -> None:
+    """kwollect.maintain() until the 1-hour rollup covers every hour the 5-minute summary
+    covers (each call summarizes at most 30 s of work, a day at a time)."""
+    for _ in range(50):
+        await admin.execute("SELECT kwollect.maintain()")
+        if await admin.fetchval(
+                "SELECT rollup_watermark >= date_bin('1 hour', watermark, timestamptz 'epoch') "
+                "FROM kwollect.summary_state"):
+            return
+    raise AssertionError("the rollup did not catch up with the summary")

@@ -100,6 +100,20 @@ async def test_reader_cannot_write(reader):
             await reader.execute(statement)
 
 
+async def test_every_public_view_is_readable_by_the_reader_and_the_writer(admin, reader,
+                                                                        writer):
+    """The compatibility views (metrics_by_job_summary_1h among them) are granted to both
+    roles: a view added without its grant fails here, on each storage."""
+    views = [r["name"] for r in await admin.fetch(
+        "SELECT format('%I.%I', schemaname, viewname) AS name FROM pg_views "
+        "WHERE schemaname = 'public' ORDER BY 1")]
+    assert {"public.metrics_by_job_summary_1h", "public.metrics_by_device_summary_1h",
+            "public.metrics_summary_1h", "public.metrics_by_job_summary"} <= set(views)
+    for conn in (reader, writer):
+        for view in views:  # names from the catalogue, quoted by format('%I')
+            await conn.fetch(f"SELECT * FROM {view} WHERE false")  # noqa: S608
+
+
 async def test_writer_is_not_owner(writer):
     for statement in ("CREATE TABLE public.evil (x int)", "DROP VIEW metrics",
                       "DELETE FROM kwollect.series", "SELECT * FROM kwollect.api_secret",

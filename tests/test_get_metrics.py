@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from tests.fixtures.citus import skip_on_citus
-from tests.sqlapi import T0, UTC, get_metrics, iso, load, series
+from tests.sqlapi import T0, UTC, get_metrics, iso, load, series, settle_rollup
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +156,28 @@ async def test_alias_rows_are_summed(reader, data):
     assert rows[0] == {"timestamp": T0, "device_id": "gm-9", "metric_id": "wattmetre_power_watt",
                        "value": 110.0,
                        "labels": {"_device_orig": ["gmw-port3", "gmw-port4"]}}
+
+
+async def test_summary_1h_of_a_job_an_alias_and_a_counter(admin, reader, data):
+    """summary => '1h': one row per series and hour starting in the window (the job's here),
+    in the raw rows' order; a counter's hour is its maximum, an alias' its sources summed."""
+    await settle_rollup(admin)
+    rows = await reader.fetch(
+        "SELECT timestamp, device_id, metric_id, value, labels FROM api.get_metrics("
+        "job_id => 901, metrics => 'power_watt,net_bytes_total', summary => '1h')")
+    power = [sum(100.0 + i % 7 for i in range(h * 720, (h + 1) * 720)) / 720 for h in (1, 2)]
+    assert [tuple(r) for r in rows] == [
+        (T0, "gm-1", "net_bytes_total", 19000.0, "{}"),
+        (T0, "gm-1", "power_watt", pytest.approx(power[0], rel=1e-12), "{}"),
+        (T0, "gm-2", "power_watt", pytest.approx(power[0], rel=1e-12), "{}"),
+        (T0 + timedelta(hours=1), "gm-1", "power_watt", pytest.approx(power[1], rel=1e-12), "{}"),
+        (T0 + timedelta(hours=1), "gm-2", "power_watt", pytest.approx(power[1], rel=1e-12), "{}")]
+    alias = await reader.fetch(
+        "SELECT timestamp, device_id, value, labels FROM api.get_metrics(devices => 'gm-9', "
+        "start_time => $1, end_time => $2, summary => '1h')",
+        iso(T0), iso(T0 + timedelta(hours=1)))
+    assert [tuple(r) for r in alias] == [
+        (T0, "gm-9", 110.0, json.dumps({"_device_orig": ["gmw-port3", "gmw-port4"]}))]
 
 
 async def test_physical_device_of_an_alias_has_alias_label_stripped(reader, data):
