@@ -71,10 +71,12 @@ async def wait_for(condition, timeout: float = 60.0, step: float = 0.05):
 
 
 async def settle_rollup(admin: asyncpg.Connection) -> None:
-    """kwollect.maintain() until the 1-hour rollup covers every hour the 5-minute summary
-    covers (each call summarizes at most 30 s of work, a day at a time)."""
+    """The summary and the rollup refreshed (as kwollect.maintain() does, without its
+    compaction, which would change other tests' partitions) until the rollup covers every
+    hour the 5-minute summary covers (each call works at most 30 s, a day at a time)."""
     for _ in range(50):
-        await admin.execute("SELECT kwollect.maintain()")
+        await admin.execute("SELECT kwollect.refresh_summary()")
+        await admin.execute("SELECT kwollect.refresh_rollup()")
         if await admin.fetchval(
                 "SELECT rollup_watermark >= date_bin('1 hour', watermark, timestamptz 'epoch') "
                 "FROM kwollect.summary_state"):

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from tests.fixtures.gateway import start_test_gateway
-from tests.sqlapi import get_metrics, iso, load, settle_rollup
+from tests.sqlapi import get_metrics, iso, load
 
 BASE = datetime(2019, 5, 5, 10, 0, tzinfo=UTC)
 HUGE = [1e308, 1.5e308, -1e308, 1.7e308]  # averages times counts overflow double precision
@@ -72,6 +72,17 @@ def expected_hours(rows: list[tuple]) -> dict[tuple[str, datetime], dict]:
     return out
 
 
+async def settle(admin: asyncpg.Connection) -> None:
+    """maintain() until the rollup covers every hour the 5-minute summary covers."""
+    for _ in range(50):
+        await admin.execute("SELECT kwollect.maintain()")
+        if await admin.fetchval(
+                "SELECT rollup_watermark >= date_bin('1 hour', watermark, timestamptz 'epoch') "
+                "FROM kwollect.summary_state"):
+            return
+    raise AssertionError("the rollup did not catch up with the summary")
+
+
 async def rollup(conn: asyncpg.Connection, device: str) -> dict[tuple[str, datetime], dict]:
     rows = await conn.fetch(
         "SELECT metric_id, timestamp, count, nan_count, avg, min, max, last "
@@ -100,7 +111,7 @@ async def hours(kwdb):
     try:
         rows = rows_of("ru-1", BASE, 540, 20)
         await load(writer, rows)
-        await settle_rollup(admin)
+        await settle(admin)
         return rows
     finally:
         await writer.close()
@@ -127,7 +138,7 @@ async def test_late_rows_update_their_hour_only(admin, writer, reader, hours):
     late = [(BASE + timedelta(hours=1, seconds=7), "ru-1", "ru_power", -5.0, None),
             (BASE + timedelta(hours=1, minutes=59, seconds=59), "ru-1", "ru_power", 1234.5, None)]
     await load(writer, late)
-    await settle_rollup(admin)
+    await settle(admin)
     assert_matches(await rollup(reader, "ru-1"), expected_hours(hours + late))
     after = {(r["bucket"], r["metric_id"]): r["x"] for r in await admin.fetch(versions)}
     changed = {r["bucket"] for r in before if after[r["bucket"], r["metric_id"]] != r["x"]}
@@ -157,7 +168,7 @@ async def test_rollup_of_compacted_partitions_and_late_rows_into_them(admin, wri
             "USING (series_id) WHERE s.device_id = 'ru-1'")
     late = [(BASE + timedelta(hours=2, minutes=30, seconds=1), "ru-1", "ru_power", 9999.0, None)]
     await load(writer, late)
-    await settle_rollup(admin)
+    await settle(admin)
     assert_matches(await rollup(reader, "ru-1"), expected_hours(hours + late))
     hours.extend(late)
 
@@ -200,7 +211,7 @@ async def test_http_summary_1h_and_the_grafana_view(gateway, reader, writer, adm
     """Over HTTP (any case), and metrics_by_device_summary_1h with aliases summed."""
     await load(writer, [(BASE + timedelta(seconds=20 * i), f"ru-port{p}", "ru_w", 10.0 * p,
                          {"_device_alias": "ru-node"}) for i in range(180) for p in (1, 2)])
-    await settle_rollup(admin)
+    await settle(admin)
     url = (f"{gateway.url}/rpc/get_metrics?devices=ru-1,ru-node&metrics=ru_power,ru_w"
            f"&start_time={iso(BASE)}&end_time={iso(BASE + timedelta(minutes=30))}&summary=1H")
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
@@ -256,7 +267,7 @@ async def test_months_through_the_1h_rollup(admin, writer, reader):
     halves = [start + timedelta(days=d, minutes=30 * i) for d in days for i in range(48)]
     rows = [(ts, "ru-q", "ru_temp", float(i % 40), None) for i, ts in enumerate(halves)]
     await load(writer, rows)
-    await settle_rollup(admin)
+    await settle(admin)
     got = await reader.fetch(
         "SELECT timestamp, value FROM api.get_metrics(devices => 'ru-q', start_time => $1, "
         "end_time => $2, summary => '1h')", iso(start), iso(start + timedelta(days=90)))
