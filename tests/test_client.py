@@ -13,7 +13,7 @@ import pytest
 
 from kwollect.client import ApiCallError, Client
 from kwollect.client.get import Progress
-from tests.sqlapi import load_job, series
+from tests.sqlapi import load_job, series, settle_rollup
 
 T0 = datetime(2024, 3, 4, 10, 0, tzinfo=UTC)
 JOB = 9201
@@ -121,6 +121,24 @@ def test_kwollect_get_to_stdout_and_errors(gateway, client_data):
     assert "never stored: device cl-typo, metric bmc_node_power_wat" in done.stderr
     done = kwollect("get", url=gateway.url)
     assert done.returncode != 0 and "--job or --devices" in done.stderr
+
+
+async def test_kwollect_get_summaries_and_the_1h_rollup(gateway, kwdb, client_data):
+    """--summary (5 minutes) and --summary 1h: one row per bucket, the mean of its samples."""
+    admin = await kwdb.connect("admin")
+    try:
+        await settle_rollup(admin)
+    finally:
+        await admin.close()
+    window = ("--start", WINDOW["start_time"], "--end", (T0 + timedelta(hours=1)).isoformat())
+    for level, buckets in (([], 4), (["1h"], 1)):
+        done = kwollect("get", "--devices", "cl-2", "--metrics", "bmc_node_power_watt", *window,
+                        "--format", "ndjson", "--summary", *level, url=gateway.url)
+        assert done.returncode == 0, done.stderr
+        rows = [json.loads(line) for line in done.stdout.splitlines()]
+        step = timedelta(hours=1) if level else timedelta(minutes=5)
+        assert [(datetime.fromisoformat(r["timestamp"]), r["value"]) for r in rows] == [
+            (T0 + step * i, 200.0) for i in range(buckets)]
 
 
 def test_progress_line_counts_rows_on_a_terminal():

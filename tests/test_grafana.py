@@ -17,7 +17,7 @@ import yaml
 
 from tests.fixtures.gateway import start_test_gateway
 from tests.grafana_interpolate import Variable, interpolate, template
-from tests.sqlapi import load_job, series
+from tests.sqlapi import load_job, series, settle_rollup
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,47 @@ async def test_long_range_plots_summaries_with_min_and_max(kwdb, grafana_data):
     assert {value for _, value in band["gf-1 max"]} == {110.0}
 
 
+HOURLY = datetime(2022, 3, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+async def hourly_data(kwdb):
+    """gf-h1: power alternating 90 and 110 W and a counter, every 30 s for 3 hours from
+    HOURLY, summarized and rolled up."""
+    rows = series("gf-h1", "bmc_node_power_watt", HOURLY, 360, 30,
+                  value=lambda i: 90.0 if i % 2 == 0 else 110.0)
+    rows += series("gf-h1", "net_bytes_total", HOURLY, 360, 30, value=lambda i: 1000.0 * i)
+    await load_job(kwdb, rows, JOB + 1, ["gf-h1"], HOURLY, HOURLY + timedelta(hours=3))
+    admin = await kwdb.connect("admin")
+    try:
+        await settle_rollup(admin)
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize(("days", "level"), [(7, "5min"), (7.01, "1h"), (92, "1h")])
+async def test_ranges_over_a_week_plot_the_1h_rollup(kwdb, hourly_data, days, level):
+    """Up to 7 days: 5-minute summaries (2,016 points per series at most); beyond, the 1-hour
+    rollup, with its min and max band from metrics_summary_1h and counters as rates."""
+    end = HOURLY + timedelta(hours=3)
+    begin = end - timedelta(days=days)
+    v = variables(devices=["gf-h1"])
+    avg = by_series(await run(kwdb, query("$metric_id", "A"), v, begin, end))
+    five = by_series(await run(kwdb, query("$metric_id", "B"), v, begin, end))
+    hour = by_series(await run(kwdb, query("$metric_id", "C"), v, begin, end))
+    step = timedelta(hours=1) if level == "1h" else timedelta(minutes=5)
+    buckets = [HOURLY + step * i for i in range(timedelta(hours=3) // step)]
+    assert avg == {"gf-h1 avg": [(t, 100.0) for t in buckets]}
+    band = hour if level == "1h" else five
+    assert band == {"gf-h1 max": [(t, 110.0) for t in buckets],
+                    "gf-h1 min": [(t, 90.0) for t in buckets]}
+    assert (five if level == "1h" else hour) == {}
+    rates = by_series(await run(kwdb, query("$metric_id", "A"),
+                                variables(devices=["gf-h1"], metric="net_bytes_total"), begin, end))
+    assert list(rates) == ["gf-h1"]
+    assert numbers(rates["gf-h1"]) == [pytest.approx(1000.0 / 30)] * (len(buckets) - 1)
+
+
 async def test_a_job_alone_selects_its_nodes_and_window(kwdb, grafana_data):
     end = grafana_data["now"]
     rows = await run(kwdb, query("$metric_id", "A"), variables(job=f" {JOB} "),
@@ -256,3 +297,22 @@ async def test_the_1x_arguments_work_over_http_too(gateway, grafana_data):
         assert response.status == 200, await response.text()
         rows = await response.json()
     assert rows and {r["value"] for r in rows} == {200.0}
+
+
+async def test_the_dashboards_1h_rows_over_http(gateway, kwdb, hourly_data):
+    """What the panel draws over a quarter is what /rpc/get_metrics?summary=1h answers (the
+    web view and `kwollect get --summary 1h` take that path)."""
+    import aiohttp
+
+    end = HOURLY + timedelta(hours=3)
+    begin = end - timedelta(days=92)
+    panel = await run(kwdb, query("$metric_id", "A"), variables(job=str(JOB + 1)), begin, end)
+    params = {"job_id": str(JOB + 1), "metrics": "bmc_node_power_watt", "summary": "1h",
+              "start_time": str(int(begin.timestamp())), "end_time": str(int(end.timestamp()))}
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{gateway.url}/rpc/get_metrics", params=params) as response:
+        assert response.status == 200, await response.text()
+        rows = await response.json()
+    assert [(datetime.fromisoformat(r["timestamp"]), r["value"]) for r in rows] == \
+        [(r["time"], r["value"]) for r in panel]
+    assert len(rows) == 3

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.sqlapi import load, load_job, series
+from tests.sqlapi import load, load_job, series, settle_rollup
 
 JOB = 9301
 STEP_S = 5
@@ -139,6 +139,46 @@ def test_devices_and_metric_choices_and_downloads(gateway, ui_data, browser):
               {headers: {Accept: 'text/csv'}}).then(r => r.text()).then(done);""")
     assert csv.startswith("timestamp,device_id,metric_id,value,labels")
     assert browser.find_element(By.ID, "csv").is_displayed()
+    assert severe(browser) == []
+
+
+@pytest.fixture(scope="module")
+async def ui_hours(kwdb):
+    """ui-h: power every 30 s for the 3 whole hours that started 3 days ago, summarized and
+    rolled up; the first hour."""
+    first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=3)
+    writer, admin = await kwdb.connect("kwuser"), await kwdb.connect("admin")
+    try:
+        await load(writer, series("ui-h", "bmc_node_power_watt", first, 3 * 120, 30,
+                                  value=lambda i: 100.0 + 20 * (i // 120)))
+        await settle_rollup(admin)
+    finally:
+        await writer.close()
+        await admin.close()
+    return first
+
+
+@pytest.mark.parametrize(("range_s", "level", "points"), [
+    (604800, "5-minute summaries", 36), (2592000, "1-hour rollups", 3),
+    (7776000, "1-hour rollups", 3)])
+def test_long_ranges_read_the_summaries_and_the_1h_rollup(gateway, ui_hours, browser, range_s,
+                                                          level, points):
+    """Up to 7 days the 5-minute summaries, beyond the 1-hour rollup (as Grafana), said in
+    the status line; one point per bucket."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{gateway.url}/ui/?devices=ui-h&metrics=bmc_node_power_watt"
+                f"&range={range_s}&live=0")
+    status = wait_for(browser, lambda d: "rows" in d.find_element(By.ID, "status").text
+                      and d.find_element(By.ID, "status"))
+    assert status.text == f"{points} rows, 1 series, 1 metrics ({level})"
+    assert traces(browser) == {"bmc_node_power_watt": {"ui-h": points}}
+    if points == 3:
+        drawn = browser.execute_script(
+            "const t = document.querySelector('#charts .chart').data[0]; return [t.x, t.y];")
+        assert [datetime.fromisoformat(x) for x in drawn[0]] == [
+            ui_hours + timedelta(hours=h) for h in range(3)]
+        assert drawn[1] == [100.0, 120.0, 140.0]
     assert severe(browser) == []
 
 

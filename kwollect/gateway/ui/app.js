@@ -4,7 +4,11 @@
 
 const $ = (id) => document.getElementById(id);
 const LIVE_MS = 5000;
-const SUMMARY_FROM_S = 1800;   // as the Grafana dashboard: summaries from 30 minutes on
+// As the Grafana dashboard: 5-minute summaries from 30 minutes on, the 1-hour rollup over
+// 7 days (2,016 five-minute points per series, about a chart's width in pixels: docs/storage.md).
+const SUMMARY_FROM_S = 1800;
+const ROLLUP_OVER_S = 7 * 86400;
+const LEVEL_NAMES = { "5min": "5-minute summaries", "1h": "1-hour rollups" };
 let liveTimer = null;
 let lastQuery = null;
 
@@ -78,7 +82,9 @@ function requestParams(sel) {
     const now = Date.now() / 1000;
     p.start_time = String(Math.floor(now - Number(sel.range)));
     p.end_time = String(Math.ceil(now));
-    if (Number(sel.range) >= SUMMARY_FROM_S) p.summary = "true";
+    const range = Number(sel.range);
+    if (range > ROLLUP_OVER_S) p.summary = "1h";
+    else if (range >= SUMMARY_FROM_S) p.summary = "5min";
   } else if (!sel.job) {
     throw new Error("'job window' needs a job id");
   }
@@ -179,7 +185,7 @@ async function refresh() {
     let series = 0;
     for (const s of drawn.values()) series += s.size;
     setStatus(rows.length + " rows, " + series + " series, " + drawn.size + " metrics"
-              + (params.summary ? " (5-minute summaries)" : "")
+              + (params.summary ? " (" + LEVEL_NAMES[params.summary] + ")" : "")
               + ($("live").checked ? " · live" : ""));
     $("downloads").hidden = false;
     await showEnergy(sel.job);
