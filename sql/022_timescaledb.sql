@@ -6,8 +6,8 @@
 -- bodies are resolved when called) and called only on a hypertable, by the storage's entry
 -- points: ensure_partitions -> record_chunks, archive_partitions -> archive_chunk,
 -- compact_partitions (025) -> compress_chunks, apply_retention (040) -> chunks_before and
--- drop_chunk.  None is SECURITY DEFINER: they run inside
--- kwollect.maintain(), as the owner of the hypertable.
+-- drop_chunk.  None is SECURITY DEFINER: they run inside kwollect.maintain(), as the owner
+-- of the hypertable.
 
 -- Record in kwollect.partitions the chunks that inserts created and no recorded range covers
 -- (the writers' partition cache and the summaries' next_data_start read it): named after

@@ -405,9 +405,9 @@ COMMENT ON VIEW public.metrics_by_job_summary_1h IS
 -- refresh_summary does not recompute before it.  Dropping a partition locks
 -- kwollect.samples exclusively until the transaction ends (maintain() calls this last), a
 -- chunk only itself: a lock not granted within 1 s (a long export) leaves the rest to the
--- next run.  Late rows that arrive for a dropped range later
--- are not summarized (the summaries of the dropped rows would be lost) and are dropped by
--- the next run, counted in rows_dropped.  Returns what was done, NULL without retention.
+-- next run.  Late rows that arrive for a dropped range later are not summarized (the
+-- summaries of the dropped rows would be lost) and are dropped by the next run, counted in
+-- rows_dropped.  Returns what was done, NULL without retention.
 CREATE OR REPLACE FUNCTION kwollect.apply_retention() RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '1s' AS $$
 DECLARE
