@@ -142,6 +142,9 @@ async def test_retention_drops_raw_data_and_keeps_summaries(storage_base, storag
             "SELECT count(*) FROM kwollect.partitions WHERE range_end <= $1", horizon) == 0
         if storage == "timescaledb":  # the compressed chunks are gone, the recent one stays
             assert await chunks_before(admin, horizon) == 0
+            # by maintain(), not by a TimescaleDB policy
+            assert await admin.fetchval("SELECT count(*) FROM timescaledb_information.jobs "
+                                        "WHERE hypertable_name IS NOT NULL") == 0
             assert await chunks_before(admin, now) == len(  # 6-hour chunks
                 {int(r[0].timestamp()) // 21600 for r in rows if r[0] >= recent})
         else:
