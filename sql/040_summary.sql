@@ -504,7 +504,6 @@ BEGIN
     SELECT kwollect.ensure_partitions(array_agg(now() + step * i))
       INTO created FROM generate_series(-1, ahead) AS i;
     moved := kwollect.relocate_default_rows();
-    archived := kwollect.archive_partitions();
     DELETE FROM kwollect.written_batches WHERE written_at < now() - interval '7 days';
     written := kwollect.refresh_summary();
     rolled := kwollect.refresh_rollup();
@@ -515,6 +514,10 @@ BEGIN
     -- until maintain() commits, and before the compaction (up to 30 s) every reader and
     -- writer waited for that too.
     retained := kwollect.apply_retention();
+    -- Last too, after the retention (a range about to be dropped is not moved first):
+    -- moving a partition to the archive tablespace locks it exclusively until maintain()
+    -- commits, and before the compaction its readers waited for that too.
+    archived := kwollect.archive_partitions();
     RETURN jsonb_build_object('partitions_created', created + coalesce(moved, 0),
                               'summary_rows', written, 'rollup_rows', rolled,
                               'retention_dropped', retained,
