@@ -2,13 +2,15 @@
 compressed), ingest rows/s through the writer, compaction rows/s, and the issue's three reads,
 beside the reference layout in the same run.
 
-Starts a private cluster (preloading TimescaleDB where it is installed), and for each storage
-(stock PostgreSQL; TimescaleDB when available) sets a kwollect database up, generates the
-issue's data set server-side (benchmarks/dataset.sql, the anchor's generator: DEVICES x 10
-metrics x 1 Hz x HOURS, jitter 0-19 ms, 2 metrics aliased), loads it into kwollect.samples
-(and, once, into the reference layout: a plain table with text ids and Kwollect's
-(device_id, timestamp DESC) index), then prints per layout (reference; stock raw, stock
-compacted; TimescaleDB hypertable, TimescaleDB compressed):
+Starts a private cluster (preloading TimescaleDB where it is installed) and sets one kwollect
+database up per storage (stock PostgreSQL; TimescaleDB when available).  The issue's data set
+is generated once, server-side, in the stock database (benchmarks/dataset.sql, the anchor's
+generator: DEVICES x 10 metrics x 1 Hz x HOURS, jitter 0-19 ms, 2 metrics aliased), loaded
+into kwollect.samples (INSERT ... SELECT in time order) and into the reference layout (a
+plain table with text ids and Kwollect's (device_id, timestamp DESC) index); the TimescaleDB
+database receives the same series (same ids) and samples by binary COPY: generating the full
+data set (43.2 M rows) a second time cost minutes for nothing.  Then it prints per layout
+(reference; stock raw, stock compacted; TimescaleDB hypertable, TimescaleDB compressed):
 
 - bytes per sample (partitions or chunks, indexes, TOAST, compacted blocks);
 - ingest rows/s through kwollect's Writer (binary COPY, 2 connections, 10,000-row batches;
@@ -23,17 +25,24 @@ compacted; TimescaleDB hypertable, TimescaleDB compressed):
 - the 5-minute summary refresh time on each storage, and on TimescaleDB a continuous
   aggregate of the same statistics (refresh time, query (3) read from it) for comparison.
 
+Each step prints when it starts and how long it took (the full-size run lasts about an hour
+on a shared 2-core machine).  --together compacts and compresses both storages at the same
+time, for a machine with a core to spare.
+
 Usage: .venv/bin/python benchmarks/compaction.py [--devices 200] [--hours 6] [--repeat 3]
-       [--ingest-rows 1000000]
+       [--ingest-rows 1000000] [--together]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -47,7 +56,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.writer_throughput import build, feed  # noqa: E402
 
 START = "2025-01-06 00:00:00+00"
+START_TS = datetime(2025, 1, 6, tzinfo=UTC)
 WRITER_PASSWORD = "bench-writer"
+
+
+@contextlib.contextmanager
+def step(storage: str, what: str) -> Iterator[None]:
+    """Print when a step starts and how long it took: the full-size run (43.2 M rows) lasts
+    more than an hour on a shared machine, and its log says where it is."""
+    print(f"{datetime.now(UTC):%H:%M:%S} [{storage}] {what} ...", flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f"{datetime.now(UTC):%H:%M:%S} [{storage}] {what}: {time.perf_counter() - t0:.1f} s",
+          flush=True)
 
 
 class Sink:
@@ -104,11 +125,16 @@ async def relation_bytes(conn: asyncpg.Connection, sql: str) -> int:
     return int(await conn.fetchval(sql))
 
 
-PART_SQL = ("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_inherits i "
-            "JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = 'kwollect.samples'::regclass")
+def tree_sql(parent: str) -> str:
+    """Bytes of every partition under `parent` (pg_total_relation_size of a partitioned table
+    itself is 0)."""
+    return ("SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "  # noqa: S608
+            f"FROM pg_partition_tree('{parent}') WHERE isleaf")
+
+
+PART_SQL = tree_sql("kwollect.samples")
 HYPER_SQL = "SELECT public.hypertable_size('kwollect.samples')"
-COMPACT_SQL = "SELECT pg_total_relation_size('kwollect.samples_compact')"
+COMPACT_SQL = tree_sql("kwollect.samples_compact")
 
 
 async def samples_bytes(conn: asyncpg.Connection, storage: str) -> int:
@@ -151,19 +177,28 @@ async def writer_ingest(cluster: PrivateCluster, storage: str, args: argparse.Na
     return rows / elapsed
 
 
-async def measure(cluster: PrivateCluster, storage: str, args: argparse.Namespace,
-                  out: dict[str, dict]) -> None:
-    """One storage: load the data set, size it, read it, compact or compress it, size and
-    read it again; the stock run also builds and reads the reference layout."""
-    dsn = await kwollect_db(cluster, f"kw_{storage}", storage)
-    t0 = time.perf_counter()
-    subprocess.run([str(cluster.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                    "-v", f"devices={args.devices}", "-v", f"seconds={args.hours * 3600}",
-                    "-d", dsn, "-f", str(Path(__file__).with_name("dataset.sql"))],
-                   check=True, stdout=subprocess.DEVNULL)
-    print(f"[{storage}] generated in {time.perf_counter() - t0:.0f} s", flush=True)
+async def generate(cluster: PrivateCluster, dsn: str, args: argparse.Namespace) -> None:
+    """benchmarks/dataset.sql into table gen_rows of `dsn` (server-side, through psql)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(cluster.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+        "-v", f"devices={args.devices}", "-v", f"seconds={args.hours * 3600}",
+        "-d", dsn, "-f", str(Path(__file__).with_name("dataset.sql")),
+        stdout=subprocess.DEVNULL)
+    if await proc.wait() != 0:
+        raise RuntimeError(f"benchmarks/dataset.sql failed (psql exit {proc.returncode})")
+
+
+async def load_stock(cluster: PrivateCluster, args: argparse.Namespace, res: dict,
+                     export: Path) -> asyncpg.Connection:
+    """Generate the data set once, load it into kwollect.samples of the stock database
+    (series ids first, then one INSERT ... SELECT in time order, as collectors write), copy
+    the series and samples out to `export` for the TimescaleDB database, and build the
+    reference layout from the same rows."""
+    dsn = await kwollect_db(cluster, "kw_stock", "stock")
+    with step("stock", f"generate {args.devices} devices x 10 metrics x {args.hours} h"):
+        await generate(cluster, dsn, args)
     conn = await asyncpg.connect(dsn)
-    rows = await conn.fetchval("SELECT count(*) FROM gen_rows")
+    res["rows"] = rows = await conn.fetchval("SELECT count(*) FROM gen_rows")
     await conn.execute(
         "SELECT kwollect.series_ids(array_agg(device_id), array_agg(metric_id), "
         "array_agg(labels)) FROM (SELECT DISTINCT device_id, metric_id, labels "
@@ -171,13 +206,19 @@ async def measure(cluster: PrivateCluster, storage: str, args: argparse.Namespac
     await conn.execute(
         "SELECT kwollect.ensure_partitions(ARRAY[min(timestamp), max(timestamp)]) "
         "FROM gen_rows")
-    t0 = time.perf_counter()
-    await conn.execute(
-        "INSERT INTO kwollect.samples (ts, value, series_id) SELECT g.timestamp, g.value, "
-        "s.series_id FROM gen_rows g JOIN kwollect.series s USING (device_id, metric_id, "
-        "labels) ORDER BY g.timestamp")
-    res = out[storage] = {"rows": rows, "load": rows / (time.perf_counter() - t0)}
-    if storage == "stock":
+    with step("stock", f"load {rows:,} rows into kwollect.samples"):
+        t0 = time.perf_counter()
+        await conn.execute(
+            "INSERT INTO kwollect.samples (ts, value, series_id) SELECT g.timestamp, g.value, "
+            "s.series_id FROM gen_rows g JOIN kwollect.series s USING (device_id, metric_id, "
+            "labels) ORDER BY g.timestamp")
+        res["load"] = rows / (time.perf_counter() - t0)
+    with step("stock", "copy series and samples out for TimescaleDB"):
+        await conn.copy_from_query("SELECT series_id, device_id, metric_id, labels FROM "
+                                   "kwollect.series", output=f"{export}.series", format="binary")
+        await conn.copy_from_query("SELECT ts, value, series_id FROM kwollect.samples",
+                                   output=f"{export}.samples", format="binary")
+    with step("stock", "reference layout"):
         await conn.execute(
             "CREATE TABLE ref_metrics (timestamp timestamptz NOT NULL, device_id text NOT NULL,"
             " metric_id text NOT NULL, value double precision, labels jsonb DEFAULT '{}');"
@@ -186,36 +227,77 @@ async def measure(cluster: PrivateCluster, storage: str, args: argparse.Namespac
         res["ref_bytes"] = await relation_bytes(
             conn, "SELECT pg_total_relation_size('ref_metrics')")
     await conn.execute("DROP TABLE gen_rows, gen_dev, gen_metric")
+    return conn
+
+
+async def load_timescaledb(cluster: PrivateCluster, hours: int, res: dict,
+                           export: Path) -> asyncpg.Connection:
+    """The same series (same ids) and samples into the TimescaleDB database: COPY of what the
+    stock database holds, rather than generating 43.2 M rows a second time."""
+    conn = await asyncpg.connect(await kwollect_db(cluster, "kw_timescaledb", "timescaledb"))
+    with step("timescaledb", "copy series and samples in"):
+        await conn.copy_to_table("series", schema_name="kwollect", source=f"{export}.series",
+                                 columns=["series_id", "device_id", "metric_id", "labels"],
+                                 format="binary")
+        await conn.execute("SELECT setval(pg_get_serial_sequence('kwollect.series', "
+                           "'series_id'), max(series_id)) FROM kwollect.series")
+        await conn.execute(
+            "SELECT kwollect.ensure_partitions(ARRAY[$1::timestamptz, $1::timestamptz "
+            "+ make_interval(hours => $2) - interval '1 second'])", START_TS, hours)
+        t0 = time.perf_counter()
+        await conn.copy_to_table("samples", schema_name="kwollect", source=f"{export}.samples",
+                                 columns=["ts", "value", "series_id"], format="binary")
+        elapsed = time.perf_counter() - t0
+        res["rows"] = await conn.fetchval("SELECT count(*) FROM kwollect.samples")
+        res["load"] = res["rows"] / elapsed
+    for suffix in (".series", ".samples"):
+        Path(f"{export}{suffix}").unlink()
+    return conn
+
+
+async def summarize_and_size(conn: asyncpg.Connection, storage: str, res: dict) -> None:
+    """The 5-minute summary of the whole data set (query (3) reads it), then the raw size."""
     await conn.execute("SET kwollect.max_rows = 0")
     # setup's maintain() summarized the empty present: start again from the data set
     await conn.execute("UPDATE kwollect.summary_state SET watermark = NULL")
-    t0 = time.perf_counter()
-    summary_rows = await conn.fetchval("SELECT kwollect.refresh_summary('1 hour')")
-    res["summary"] = (summary_rows, time.perf_counter() - t0)
-    res["raw_bytes"] = await samples_bytes(conn, storage)
+    with step(storage, "5-minute summary refresh"):
+        t0 = time.perf_counter()
+        summary_rows = await conn.fetchval("SELECT kwollect.refresh_summary('1 hour')")
+        res["summary"] = (summary_rows, time.perf_counter() - t0)
+    with step(storage, "VACUUM ANALYZE and size"):
+        res["raw_bytes"] = await samples_bytes(conn, storage)
+
+
+async def read_all(conn: asyncpg.Connection, storage: str, args: argparse.Namespace,
+                   res: dict, kind: str) -> None:
+    """The three reads through get_metrics (`kind`: raw or compacted), and on the stock
+    database before compaction the reference layout's."""
     qs = queries(args.devices, args.hours)
-    res["times"] = times = {name: {} for name in qs}
+    times = res.setdefault("times", {name: {} for name in qs})
     for name, (ours, theirs) in qs.items():
+        if storage == "stock" and kind == "raw":
+            with step("reference", name):
+                times[name]["reference"] = await client_time(conn, theirs, args.repeat)
+        with step(storage, f"{name}, {kind}"):
+            times[name][kind] = await client_time(conn, ours, args.repeat)
+
+
+async def compact(conn: asyncpg.Connection, storage: str, res: dict) -> None:
+    """Compaction of every partition (stock) or TimescaleDB's compression of every chunk."""
+    with step(storage, "compaction" if storage == "stock" else "compression"):
+        t0 = time.perf_counter()
         if storage == "stock":
-            times[name]["reference"] = await client_time(conn, theirs, args.repeat)
-        times[name]["raw"] = await client_time(conn, ours, args.repeat)
-    t0 = time.perf_counter()
-    if storage == "stock":
-        for (part,) in await conn.fetch(
-                "SELECT name FROM kwollect.partitions p WHERE EXISTS (SELECT 1 FROM "
-                "kwollect.samples s WHERE s.ts >= p.range_start AND s.ts < p.range_end) "
-                "ORDER BY range_start"):
-            await conn.execute("SELECT kwollect.compact_partition($1)", part)
-    else:
-        await conn.execute("SELECT kwollect.compress_chunks('1 day')")
-    res["compaction"] = rows / (time.perf_counter() - t0)
-    await conn.execute("SELECT kwollect.release_compacted()")
-    res["compact_bytes"] = await samples_bytes(conn, storage)
-    for name, (ours, _) in qs.items():
-        times[name]["compacted"] = await client_time(conn, ours, args.repeat)
-    if storage == "timescaledb":
-        res["cagg"] = await continuous_aggregate(conn, args)
-    await conn.close()
+            for (part,) in await conn.fetch(
+                    "SELECT name FROM kwollect.partitions p WHERE EXISTS (SELECT 1 FROM "
+                    "kwollect.samples s WHERE s.ts >= p.range_start AND s.ts < p.range_end) "
+                    "ORDER BY range_start"):
+                await conn.execute("SELECT kwollect.compact_partition($1)", part)
+        else:
+            await conn.execute("SELECT kwollect.compress_chunks('1 day')")
+        res["compaction"] = res["rows"] / (time.perf_counter() - t0)
+    with step(storage, "release, VACUUM ANALYZE and size"):
+        await conn.execute("SELECT kwollect.release_compacted()")
+        res["compact_bytes"] = await samples_bytes(conn, storage)
 
 
 async def continuous_aggregate(conn: asyncpg.Connection,
@@ -249,11 +331,35 @@ async def run(args: argparse.Namespace) -> None:
     if not cluster.preloaded:
         print(f"TimescaleDB rows left out: {missing_extension_reason('timescaledb')}")
     cluster.start()
-    out: dict[str, dict] = {}
+    out: dict[str, dict] = {storage: {} for storage in storages}
+    export = cluster.base / "dataset"
     try:
-        ingest = {storage: await writer_ingest(cluster, storage, args) for storage in storages}
+        ingest = {}
         for storage in storages:
-            await measure(cluster, storage, args, out)
+            with step(storage, f"writer ingest of {args.ingest_rows:,} rows"):
+                ingest[storage] = await writer_ingest(cluster, storage, args)
+        conns = {"stock": await load_stock(cluster, args, out["stock"], export)}
+        if "timescaledb" in storages:
+            conns["timescaledb"] = await load_timescaledb(cluster, args.hours,
+                                                          out["timescaledb"], export)
+        for storage in storages:
+            await summarize_and_size(conns[storage], storage, out[storage])
+        for storage in storages:
+            await read_all(conns[storage], storage, args, out[storage], "raw")
+        if args.together:
+            await asyncio.gather(*(compact(conns[storage], storage, out[storage])
+                                   for storage in storages))
+        else:
+            for storage in storages:
+                await compact(conns[storage], storage, out[storage])
+        for storage in storages:
+            await read_all(conns[storage], storage, args, out[storage], "compacted")
+        if "timescaledb" in storages:
+            with step("timescaledb", "continuous aggregate"):
+                out["timescaledb"]["cagg"] = await continuous_aggregate(conns["timescaledb"],
+                                                                        args)
+        for conn in conns.values():
+            await conn.close()
     finally:
         cluster.destroy()
     rows = out["stock"]["rows"]
@@ -277,7 +383,8 @@ async def run(args: argparse.Namespace) -> None:
     for storage in storages:
         n, seconds = out[storage]["summary"]
         print(f"5-minute summary refresh ({storage}, raw): {n:,} rows in {seconds:.1f} s "
-              f"(INSERT ... SELECT load: {out[storage]['load']:,.0f} rows/s)")
+              f"(load, {'INSERT ... SELECT' if storage == 'stock' else 'binary COPY'}: "
+              f"{out[storage]['load']:,.0f} rows/s)")
     if "timescaledb" in out:
         refresh, read = out["timescaledb"]["cagg"]
         print(f"continuous aggregate instead (TimescaleDB, compressed): refresh {refresh:.1f} s; "
@@ -290,6 +397,9 @@ def main() -> None:
     parser.add_argument("--hours", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ingest-rows", type=int, default=1_000_000)
+    parser.add_argument("--together", action="store_true",
+                        help="compact and compress the two storages at the same time (two "
+                             "server processes: each rate is then measured beside the other)")
     asyncio.run(run(parser.parse_args()))
 
 
