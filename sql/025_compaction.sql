@@ -41,10 +41,9 @@ RETURNS kwollect.int_stream LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                 ELSE ROW(NULL, NULL, NULL, p)::kwollect.int_stream END
 $$;
 
-CREATE OR REPLACE FUNCTION kwollect.unpack_ints(p kwollect.int_stream)
-RETURNS bigint[] LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce((p).c::integer[]::bigint[], (p).s::bigint[], (p).i::bigint[], (p).l)
-$$;
+-- (Streams were widened to bigint[] by kwollect.unpack_ints before block_decode read
+-- each stored field as it is.)
+DROP FUNCTION IF EXISTS kwollect.unpack_ints(kwollect.int_stream);
 
 -- The blocks are range-partitioned on block_start, on the bounds of the raw partitions
 -- (kwollect.compact_partition creates kwollect_partitions.compact_<start> beside
@@ -99,23 +98,35 @@ ALTER TABLE kwollect.partitions ADD COLUMN IF NOT EXISTS compacted_at timestampt
 -- The samples of one block, in time order (ties in their stored order), from its columns.
 -- The streams are unnested in the select list (one ProjectSet, in lockstep, a missing
 -- stream read as NULLs) rather than by ROWS FROM, which stores each stream in a tuplestore
--- first: measured 0.64 s against 1.6 s for the streams of 1.44 M samples.
+-- first: measured 0.64 s against 1.6 s for the streams of 1.44 M samples.  Each field of
+-- a stream is unnested as it is stored (the three empty ones cost nothing) and widened per
+-- sample, rather than cast array to array first (array_map per element).  OFFSET 0 keeps
+-- the decoded timestamp a column: without it, a caller's time bounds were pushed into the
+-- body and the timestamp expression computed once per bound and once more for the output.
+-- Callers pass the columns, not the block row (block_samples): from a whole-row variable
+-- every parameter became a field selection per sample (walking the row's variable-width
+-- columns).  Both together: server CPU of get_metrics over 1.44 M compacted samples 1.31-1.38
+-- us per row against 1.50-1.60 (docs/performance.md).
 CREATE OR REPLACE FUNCTION kwollect.block_decode(
     p_n integer, p_t0 timestamptz, p_unit bigint, p_period bigint,
     p_gap kwollect.int_stream, p_jit kwollect.int_stream, p_div double precision,
     p_first bigint, p_last bigint, p_off kwollect.int_stream, p_raw double precision[])
 RETURNS TABLE (ts timestamptz, value double precision)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT p_t0 + ((u.i - 1 + u.g) * p_period + u.r) * p_unit * interval '1 microsecond',
-           coalesce(u.raw, (p_first + u.o + round((u.i - 1)::double precision
-                                                 * (p_last - p_first)
-                                                 / greatest(p_n - 1, 1))::bigint)::double precision
-                           / p_div)
-    FROM (SELECT unnest(kwollect.unpack_ints(p_gap)) AS g,
-                 unnest(kwollect.unpack_ints(p_jit)) AS r,
-                 unnest(kwollect.unpack_ints(p_off)) AS o,
+    SELECT p_t0 + ((u.i - 1 + coalesce(u.gc::integer, u.gs, u.gi, u.gl)) * p_period
+                   + coalesce(u.rc::integer, u.rs, u.ri, u.rl)) * p_unit * interval '1 microsecond',
+           coalesce(u.raw, (p_first + coalesce(u.oc::integer, u.os, u.oi, u.ol)
+                            + round((u.i - 1)::double precision * (p_last - p_first)
+                                    / greatest(p_n - 1, 1))::bigint)::double precision / p_div)
+    FROM (SELECT unnest((p_gap).c) AS gc, unnest((p_gap).s) AS gs, unnest((p_gap).i) AS gi,
+                 unnest((p_gap).l) AS gl,
+                 unnest((p_jit).c) AS rc, unnest((p_jit).s) AS rs, unnest((p_jit).i) AS ri,
+                 unnest((p_jit).l) AS rl,
+                 unnest((p_off).c) AS oc, unnest((p_off).s) AS os, unnest((p_off).i) AS oi,
+                 unnest((p_off).l) AS ol,
                  unnest(p_raw) AS raw,
                  generate_series(1::bigint, p_n) AS i) u
+    OFFSET 0
 $$;
 
 -- The same, from a block row.  Views call block_decode with the columns: on Citus, a view
@@ -148,7 +159,9 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
       AND (p_series IS NULL OR s.series_id = ANY (p_series))
     UNION ALL
     SELECT d.ts, d.value, c.series_id
-    FROM kwollect.samples_compact c CROSS JOIN LATERAL kwollect.block_samples(c) d
+    FROM kwollect.samples_compact c
+    CROSS JOIN LATERAL kwollect.block_decode(c.n, c.t0, c.t_unit, c.t_period, c.t_gap, c.t_jit,
+                                             c.v_div, c.v_first, c.v_last, c.v_off, c.v_raw) d
     WHERE c.block_start > p_lo - interval '1 hour' AND c.block_start < p_hi
       AND (p_series IS NULL OR c.series_id = ANY (p_series))
       AND d.ts >= p_lo AND d.ts < p_hi
