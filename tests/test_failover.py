@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from kwollect.collect.kwollector import main as kwollector_main
 from kwollect.collect.sharding import group_of
 from tests.fixtures.snmp import start_snmpd, stop_snmpd
+from tests.sqlapi import wait_for
 from tests.test_kwollector import Kwollector
 from tests.test_sharding import shared_kwollector, shared_metrics_dir
 
@@ -98,7 +100,14 @@ async def test_kill_one_of_three_kwollectors(tmp_path, kwdb, writer, admin, snmp
         assert victim.process is not None
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
-        await asyncio.sleep(TTL_S * 3 + 3)
+        killed_at = datetime.now(UTC)
+        # until the survivors hold its groups and have polled each of its targets since the
+        # kill (a condition: the fixed TTL_S * 3 + 3 s of sleep was 12 s, most of it idle)
+        await wait_for(lambda: writer.fetchval(
+            "SELECT NOT EXISTS (SELECT FROM kwollect.collector_leases WHERE holder = $1) "
+            "AND (SELECT count(DISTINCT device_id) FROM metrics WHERE device_id = ANY($2) "
+            "AND timestamp > $3) = cardinality($2)", victim_holder, victim_devices, killed_at),
+            timeout=120, step=0.25)
         survivors = [k for k in kwollectors if k is not victim]
         codes = [k.stop() for k in survivors]
         assert codes == [0, 0], [k.log() for k in survivors]
