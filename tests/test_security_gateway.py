@@ -34,10 +34,10 @@ STRICT = ("db-pool = 2\ndb-pool-acquisition-timeout = 10\nkwollect-header-timeou
 
 @pytest.fixture(scope="module")
 def kwdb(pg_cluster) -> KwDb:
-    """This module's own database.  The payload corpus calls get_metrics 700 times: on the
-    shared database, which by then held the 1,900 partitions earlier tests had made, each
-    call took 2.3 s under a load of 5 (planned over every partition; 3 at a time), 150 s
-    in all, against 8 s here."""
+    """This module's own database, free of what earlier modules leave in the shared one.
+    The payload corpus calls get_metrics 700 times: once earlier tests had left 1,900
+    partitions there, each call took 2.3 s under a load of 5 (planned over every
+    partition; 3 at a time), 150 s in all, against 8 s here."""
     return new_kwdb(pg_cluster, "kwdb_security_gateway")
 
 
