@@ -199,3 +199,25 @@ async def test_clock_stepped_back_realigns_instead_of_waiting(snmp_agent, monkey
     readings, stats = await run_for([metric], 1.5, during=during)
     assert len(times(readings, "stepped")) >= 3
     assert next(iter(stats.values())).timeouts == 0
+
+
+async def test_a_stop_in_the_turn_of_a_promotion_change_ends_every_group(snmp_agent):
+    """close() cancels each group's task.  A cancel arriving just after the group's wake
+    (a promotion change) but before its task resumed was swallowed by asyncio.wait_for on
+    Python 3.11 (CPython gh-86296): the group polled on and close() never returned, so a
+    kwollector given SIGTERM just after a promotion change never exited (seen as
+    test_kwollector's promotion test failing after 60 s, about one run in five).  Every
+    turn between the wake and the cancel is tried."""
+    for turns in range(6):
+        scheduler = Scheduler(lambda readings: None, Promotions(), timeout_s=2.0)
+        scheduler.apply([desc(snmp_agent.url(OIDS[0]), "always", 10_000),
+                         desc(snmp_agent.url(OIDS[1]), "fan", 10_000, optional=True)])
+        await asyncio.sleep(0.05)  # the group waits for its tick or its wake
+        scheduler.promotions_changed()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        try:
+            async with asyncio.timeout(10):
+                await scheduler.close()
+        except TimeoutError:
+            pytest.fail(f"close() hung when cancelling {turns} turn(s) after the wake")

@@ -124,8 +124,9 @@ class PromotionReader:
             while True:
                 if self._wanted():
                     await self.refresh()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self._refresh_s)
+                with contextlib.suppress(TimeoutError):  # not wait_for: see Scheduler._run
+                    async with asyncio.timeout(self._refresh_s):
+                        await self._changed.wait()
         finally:
             await self.close()
 

@@ -190,8 +190,12 @@ class Scheduler:
             now = time.time()
             tick = (math.floor(now / period) + 1) * period
             woken = False
+            # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
+            # cancel that arrives just after the wake (CPython gh-86296), and close() then
+            # waited for this task forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(group.wake.wait(), timeout=tick - now)
+                async with asyncio.timeout(tick - now):
+                    await group.wake.wait()
                 woken = True
             if woken:
                 group.wake.clear()
