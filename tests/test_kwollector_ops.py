@@ -11,6 +11,7 @@ import time
 
 from kwollect.dev.simulators import free_port
 from tests.fixtures.kwollector import Kwollector
+from tests.sqlapi import wait_for
 from tests.test_kwollector import OIDS, count_rows, rows, write_descriptions
 
 
@@ -37,6 +38,10 @@ async def wait_for_log(k: Kwollector, text: str, timeout: float = 30) -> None:
         await asyncio.sleep(0.2)
 
 
+async def count_rows_at_least(kwdb, device: str, n: int) -> bool:
+    return await count_rows(kwdb, device) >= n
+
+
 async def stop_during_an_outage(k: Kwollector, **options: object) -> None:
     """Start `k` with its database away (a port nothing listens on), stop it a few seconds
     into that outage, and check the stop is fast."""
@@ -59,10 +64,12 @@ async def test_sigterm_during_an_outage_spools_and_exits_at_once(collector, snmp
     await stop_during_an_outage(k)
     assert "dropped=0" in k.log()
     assert os.listdir(k.base / "spool")
+    spooled = int(re.search(r"stopped: collected=(\d+)", k.log()).group(1))
     set_options(k, db_port=kwdb.cluster.port)  # the database is back
     k.start()
     await wait_for_log(k, "replaying them first")
-    await asyncio.sleep(4)
+    # until the spool is replayed (what the second run reads is flushed by its stop)
+    await wait_for(lambda: count_rows_at_least(kwdb, "ops1-pdu", spooled), timeout=90, step=0.25)
     assert k.stop() == 0, k.log()
     collected = sum(int(m) for m in re.findall(r"stopped: collected=(\d+)", k.log()))
     assert collected == await count_rows(kwdb, "ops1-pdu") > 0
@@ -116,7 +123,13 @@ async def test_reload_keeps_the_last_good_description_of_a_broken_entry(collecto
         k.signal(signal.SIGHUP)
         await wait_for_log(k, "is invalid now")
         reloaded_at = time.time()
-        await asyncio.sleep(3)
+
+        async def polled_since_the_reload() -> bool:
+            return await writer.fetchval(
+                "SELECT count(DISTINCT metric_id) = 4 FROM metrics WHERE device_id = 'ops4-pdu' "
+                "AND timestamp > to_timestamp($1)", reloaded_at + 1)
+
+        await wait_for(polled_since_the_reload, timeout=90, step=0.25)
     finally:
         assert k.stop() == 0, k.log()
     log = k.log()
