@@ -151,7 +151,16 @@ async def test_standby_stopped_mid_request(gateways, replicated):
     _, standby, _ = replicated
     slow = "/rpc/slow_where?s=3"
     calls = [asyncio.create_task(call(server.url, slow)) for server in gateways]
-    await asyncio.sleep(1.0)
+    # both calls running on the standby when it stops (a condition, not a fixed 1 s: on a
+    # loaded machine they may take longer to get there)
+    deadline = time.monotonic() + 30
+    running = 0
+    while running < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        running = int(await asyncio.to_thread(
+            standby.psql, "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+            "AND query LIKE '%slow\\_where%' AND pid <> pg_backend_pid()"))
+    assert running == 2
     await asyncio.to_thread(standby.stop, "fast")
     try:
         assert await calls[0] == (200, False)  # served again, by the primary
