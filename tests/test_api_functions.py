@@ -181,17 +181,24 @@ async def test_site_replaces_nodetime_by_job(admin, writer, reader):
                         for i in range(10)])
     await admin.execute(
         "CREATE TABLE site_jobs (id int, t0 timestamptz, t1 timestamptz, host text)")
-    # the view keeps its owner (kwuser_owner), which reads the site's table
-    await admin.execute("GRANT SELECT ON site_jobs TO kwuser_owner")
-    await admin.execute("INSERT INTO site_jobs VALUES (555, $1, $2, 'sj-1.site')",
-                        start + timedelta(minutes=2), start + timedelta(minutes=4))
-    await admin.execute(
-        "CREATE OR REPLACE VIEW nodetime_by_job AS SELECT job_id, start_time, stop_time, node "
-        "FROM nodetime_per_job UNION ALL "
-        "SELECT id, t0, t1, split_part(host, '.', 1) FROM site_jobs")
-    rows = await get_metrics(reader, job_id=555)
-    assert [r["value"] for r in rows] == [2.0, 3.0, 4.0]
-    assert iso(rows[0]["timestamp"]) == iso(start + timedelta(minutes=2))
+    try:
+        # the view keeps its owner (kwuser_owner), which reads the site's table
+        await admin.execute("GRANT SELECT ON site_jobs TO kwuser_owner")
+        await admin.execute("INSERT INTO site_jobs VALUES (555, $1, $2, 'sj-1.site')",
+                            start + timedelta(minutes=2), start + timedelta(minutes=4))
+        await admin.execute(
+            "CREATE OR REPLACE VIEW nodetime_by_job AS SELECT job_id, start_time, stop_time, "
+            "node FROM nodetime_per_job UNION ALL "
+            "SELECT id, t0, t1, split_part(host, '.', 1) FROM site_jobs")
+        rows = await get_metrics(reader, job_id=555)
+        assert [r["value"] for r in rows] == [2.0, 3.0, 4.0]
+        assert iso(rows[0]["timestamp"]) == iso(start + timedelta(minutes=2))
+    finally:
+        # setup's view again: the modules after this one (test_grafana) read jobs through it
+        await admin.execute(
+            "CREATE OR REPLACE VIEW nodetime_by_job AS SELECT job_id, start_time, stop_time, "
+            "node FROM nodetime_per_job")
+        await admin.execute("DROP TABLE site_jobs")
 
 
 async def test_available_metrics_takes_plain_parameters(reader, recent):
