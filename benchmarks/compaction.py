@@ -103,8 +103,8 @@ async def client_time(conn: asyncpg.Connection, query: str, repeat: int,
                       postmaster: int) -> tuple[float, float]:
     """Best wall time for every row of `query` to reach the client (binary COPY), and the
     least server CPU time of a run: on a machine shared with other work the wall time
-    follows the load of the moment (the same read varied 2x between two runs at load 3-6),
-    the server's CPU seconds much less so."""
+    follows the load of the moment (the same read varied 2x between two runs at load 3-6);
+    the server's CPU seconds leave out the time its processes waited for a core."""
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeat + 1):  # the first run warms the cache
         sink = Sink()
