@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -54,11 +53,10 @@ from kwollect.store.writer import Writer, WriterOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.writer_throughput import build, feed  # noqa: E402
+from benchmarks.writer_throughput import build, cpu_postgres, feed  # noqa: E402
 
 START = "2025-01-06 00:00:00+00"
 START_TS = datetime(2025, 1, 6, tzinfo=UTC)
-TICKS = os.sysconf("SC_CLK_TCK")
 WRITER_PASSWORD = "bench-writer"
 
 
@@ -81,24 +79,6 @@ class Sink:
         self.size += len(data)
 
 
-def cpu_cluster(postmaster: int) -> float:
-    """CPU seconds of the cluster: the postmaster with its reaped children (parallel workers
-    that exited) and its live children (the backends)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry.name) == postmaster:
-            total += sum(int(f) for f in fields[11:15])
-        elif int(fields[1]) == postmaster:
-            total += int(fields[11]) + int(fields[12])
-    return total / TICKS
-
-
 async def client_time(conn: asyncpg.Connection, query: str, repeat: int,
                       postmaster: int) -> tuple[float, float]:
     """Best wall time for every row of `query` to reach the client (binary COPY), and the
@@ -108,11 +88,11 @@ async def client_time(conn: asyncpg.Connection, query: str, repeat: int,
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeat + 1):  # the first run warms the cache
         sink = Sink()
-        cpu0 = cpu_cluster(postmaster)
+        cpu0 = cpu_postgres(postmaster, reaped=True)
         t0 = time.perf_counter()
         await conn.copy_from_query(query, output=sink.write, format="binary")
         best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, cpu_cluster(postmaster) - cpu0)
+        best_cpu = min(best_cpu, cpu_postgres(postmaster, reaped=True) - cpu0)
     return best, best_cpu
 
 

@@ -79,8 +79,9 @@ def cpu_self() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_postgres(postmaster: int) -> float:
-    """CPU seconds of the postmaster and its live children."""
+def cpu_postgres(postmaster: int, reaped: bool = False) -> float:
+    """CPU seconds of the postmaster and its live children (the backends); with `reaped`,
+    also its children that exited (parallel workers), which a read's plan may start."""
     total = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -89,7 +90,9 @@ def cpu_postgres(postmaster: int) -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(entry.name) == postmaster or int(fields[1]) == postmaster:
+        if int(entry.name) == postmaster and reaped:
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        elif int(entry.name) == postmaster or int(fields[1]) == postmaster:
             total += int(fields[11]) + int(fields[12])
     return total / TICKS
 
