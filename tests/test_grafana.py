@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures.gateway import start_test_gateway
 from tests.grafana_interpolate import Variable, interpolate, template
 from tests.sqlapi import load_job, series, settle_rollup
 
@@ -24,13 +23,6 @@ from tests.sqlapi import load_job, series, settle_rollup
 def kwdb(each_storage):
     """Every test here runs on each storage (stock, TimescaleDB, Citus: tests/fixtures/kwdb.py)."""
     return each_storage
-
-
-@pytest.fixture(scope="module")
-def gateway(kwdb, tmp_path_factory):
-    """An HTTP gateway on this module's database (the session's serves the stock one)."""
-    with start_test_gateway(kwdb, tmp_path_factory.mktemp("gateway")) as server:
-        yield server
 
 
 GRAFANA = Path(__file__).parent.parent / "grafana"
@@ -284,7 +276,7 @@ async def test_kwollect_1x_dashboard_query_shape_still_works(kwdb, grafana_data)
     assert rates and all(rate == pytest.approx(1000.0 / STEP_S) for rate in rates)
 
 
-async def test_the_1x_arguments_work_over_http_too(gateway, grafana_data):
+async def test_the_1x_arguments_work_over_http_too(module_gateway, grafana_data):
     """The seven arguments the 1.x dashboards pass, as text over HTTP (as_rate=false)."""
     import aiohttp
 
@@ -293,13 +285,13 @@ async def test_the_1x_arguments_work_over_http_too(gateway, grafana_data):
               "start_time": str(int((end - timedelta(minutes=2)).timestamp())),
               "end_time": str(int(end.timestamp())), "summary": "false", "as_rate": "false"}
     async with aiohttp.ClientSession() as http, \
-            http.get(f"{gateway.url}/rpc/get_metrics", params=params) as response:
+            http.get(f"{module_gateway.url}/rpc/get_metrics", params=params) as response:
         assert response.status == 200, await response.text()
         rows = await response.json()
     assert rows and {r["value"] for r in rows} == {200.0}
 
 
-async def test_the_dashboards_1h_rows_over_http(gateway, kwdb, hourly_data):
+async def test_the_dashboards_1h_rows_over_http(module_gateway, kwdb, hourly_data):
     """What the panel draws over a quarter is what /rpc/get_metrics?summary=1h answers (the
     web view and `kwollect get --summary 1h` take that path)."""
     import aiohttp
@@ -310,7 +302,7 @@ async def test_the_dashboards_1h_rows_over_http(gateway, kwdb, hourly_data):
     params = {"job_id": str(JOB + 1), "metrics": "bmc_node_power_watt", "summary": "1h",
               "start_time": str(int(begin.timestamp())), "end_time": str(int(end.timestamp()))}
     async with aiohttp.ClientSession() as http, \
-            http.get(f"{gateway.url}/rpc/get_metrics", params=params) as response:
+            http.get(f"{module_gateway.url}/rpc/get_metrics", params=params) as response:
         assert response.status == 200, await response.text()
         rows = await response.json()
     assert [(datetime.fromisoformat(r["timestamp"]), r["value"]) for r in rows] == \

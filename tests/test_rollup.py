@@ -14,7 +14,6 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.fixtures.gateway import start_test_gateway
 from tests.sqlapi import get_metrics, iso, load
 
 BASE = datetime(2019, 5, 5, 10, 0, tzinfo=UTC)
@@ -25,13 +24,6 @@ HUGE = [1e308, 1.5e308, -1e308, 1.7e308]  # averages times counts overflow doubl
 def kwdb(each_storage):
     """Every test here runs on each storage (stock, TimescaleDB, Citus: tests/fixtures/kwdb.py)."""
     return each_storage
-
-
-@pytest.fixture(scope="module")
-def gateway(kwdb, tmp_path_factory):
-    """An HTTP gateway on this module's database (the session's serves the stock one)."""
-    with start_test_gateway(kwdb, tmp_path_factory.mktemp("gateway")) as server:
-        yield server
 
 
 def power(i: int) -> float:
@@ -207,12 +199,12 @@ async def test_a_bad_summary_word_is_refused_with_the_choices(reader):
     assert "1h" in info.value.hint
 
 
-async def test_http_summary_1h_and_the_grafana_view(gateway, reader, writer, admin, hours):
+async def test_http_summary_1h_and_the_grafana_view(module_gateway, reader, writer, admin, hours):
     """Over HTTP (any case), and metrics_by_device_summary_1h with aliases summed."""
     await load(writer, [(BASE + timedelta(seconds=20 * i), f"ru-port{p}", "ru_w", 10.0 * p,
                          {"_device_alias": "ru-node"}) for i in range(180) for p in (1, 2)])
     await settle(admin)
-    url = (f"{gateway.url}/rpc/get_metrics?devices=ru-1,ru-node&metrics=ru_power,ru_w"
+    url = (f"{module_gateway.url}/rpc/get_metrics?devices=ru-1,ru-node&metrics=ru_power,ru_w"
            f"&start_time={iso(BASE)}&end_time={iso(BASE + timedelta(minutes=30))}&summary=1H")
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         assert resp.status == 200, await resp.text()
