@@ -119,6 +119,16 @@ LANGUAGE sql IMMUTABLE AS $$
                ELSE 'false'::api.summary_mode END
 $$;
 
+-- Whether a get_metrics call reads raw samples, folded to a constant when the call's
+-- summary argument is one (the enum's text output is only stable, so it is not folded
+-- inside the call): get_metrics then hands its raw branches a window that PostgreSQL
+-- prunes every partition from at plan time, instead of planning each partition of
+-- kwollect.samples and kwollect.samples_compact for a summary read.
+CREATE OR REPLACE FUNCTION kwollect.reads_raw(p_summary api.summary_mode) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT kwollect.parse_summary(p_summary::text) = 'raw'
+$$;
+
 -- The implicit casts of both enums, from boolean and from text.
 DO $$
 DECLARE
@@ -458,7 +468,10 @@ LANGUAGE sql STABLE AS $$
         CROSS JOIN LATERAL kwollect.metrics_chunk(
             plan.own_ids, plan.own_base, plan.own_ranks,
             plan.alias_ids, plan.alias_base, plan.alias_ranks,
-            plan.k0, plan.k1, plan.t0, 'infinity', plan.t1) m
+            plan.k0, plan.k1,
+            -- a summary read: no partition planned (kwollect.reads_raw)
+            CASE WHEN kwollect.reads_raw(summary) THEN plan.t0 ELSE 'infinity' END,
+            'infinity', plan.t1) m
         WHERE plan.level = 'raw'
         UNION ALL
         SELECT m.*, plan.rate_mode
@@ -510,7 +523,9 @@ LANGUAGE sql STABLE AS $$
             FROM kwollect.metrics_chunk(
                 plan.own_ids, plan.own_base, plan.own_ranks,
                 plan.alias_ids, plan.alias_base, plan.alias_ranks,
-                chunk.k, chunk.k_hi, chunk.lo, chunk.hi, plan.t1) m
+                chunk.k, chunk.k_hi,
+                CASE WHEN kwollect.reads_raw(summary) THEN chunk.lo ELSE 'infinity' END,
+                chunk.hi, plan.t1) m
             ORDER BY m.ts, m.rank
         ) c
         WHERE plan.rate_mode = 'no' AND plan.level = 'raw'
