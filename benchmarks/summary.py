@@ -140,11 +140,12 @@ async def run(args: argparse.Namespace) -> None:
         }
         print(f"\n5-minute summary rows: {summary_rows:,}; rolled up into {rolled:,} hourly rows "
               f"at {summary_rows / rollup_s:,.0f} summary rows/s")
+        postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
         for name, variants in reads.items():
             print(f"\n{name}  (seconds, all rows at the client: COPY, prepared)")
             for label, query in variants:
                 rows = await conn.fetchval(f"SELECT count(*) FROM ({query}) q")  # noqa: S608
-                seconds = await client_time(conn, query, args.repeat)
+                seconds, _ = await client_time(conn, query, args.repeat, postmaster)
                 cached = await prepared_time(conn, query, args.repeat)
                 print(f"  {label:<45} {seconds:8.3f} {cached:8.3f}  ({rows:,} rows)")
         await conn.close()
