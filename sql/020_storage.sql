@@ -188,6 +188,13 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     FROM kwollect_partitions.samples_default
 $$;
 
+-- The partition of kwollect.samples_compact that holds the blocks of the raw partition
+-- p_name (samples_<start> -> compact_<start>, same bounds: sql/025_compaction.sql).
+CREATE OR REPLACE FUNCTION kwollect.compact_partition_name(p_name text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT 'compact_' || substr(p_name, length('samples_') + 1)
+$$;
+
 -- Archiving (kwollect-setup-db --archive_path): partitions whose range ended more than
 -- archive_after_hour ago move, with their index, to the archive tablespace (for instance
 -- on slower, larger disks).  One partition per call: moving rewrites it, under a lock that
@@ -209,7 +216,7 @@ BEGIN
     -- The raw partition and its compacted blocks (compact_<start>, sql/025_compaction.sql).
     SELECT p.name INTO part
     FROM kwollect.partitions p
-    JOIN pg_class c ON c.relname IN (p.name, 'compact_' || substr(p.name, 9))
+    JOIN pg_class c ON c.relname IN (p.name, kwollect.compact_partition_name(p.name))
     JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'kwollect_partitions'
     WHERE p.range_end < now() - after
       AND c.reltablespace IS DISTINCT FROM (SELECT oid FROM pg_tablespace WHERE spcname = space)
@@ -220,7 +227,7 @@ BEGIN
     END IF;
     FOR rel IN SELECT c.relname FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'kwollect_partitions'
-               WHERE c.relname IN (part, 'compact_' || substr(part, 9))
+               WHERE c.relname IN (part, kwollect.compact_partition_name(part))
     LOOP
         EXECUTE format('ALTER TABLE kwollect_partitions.%I SET TABLESPACE %I', rel, space);
         FOR idx IN SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid

@@ -233,7 +233,7 @@ END $$;
 CREATE OR REPLACE FUNCTION kwollect.ensure_compact_partition(p_name text) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    part  text := 'compact_' || substr(p_name, length('samples_') + 1);
+    part  text := kwollect.compact_partition_name(p_name);
     lo    timestamptz;
     hi    timestamptz;
     space text;

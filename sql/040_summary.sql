@@ -447,7 +447,7 @@ BEGIN
             IF hyper THEN
                 raw := kwollect.drop_chunk(part.name, part.range_start, part.range_end);
             ELSE
-                compact := 'compact_' || substr(part.name, 9);
+                compact := kwollect.compact_partition_name(part.name);
                 EXECUTE format('SELECT count(*) FROM kwollect_partitions.%I', part.name) INTO raw;
                 IF to_regclass(format('kwollect_partitions.%I', compact)) IS NOT NULL THEN
                     EXECUTE format('SELECT coalesce(sum(n), 0) FROM kwollect_partitions.%I',
@@ -509,8 +509,8 @@ BEGIN
     rolled := kwollect.refresh_rollup();
     -- After the summaries: a late row is summarized before it is compacted.
     compacted := kwollect.compact_partitions();
-    -- After the summaries (a range is dropped once they cover it) and last but for the
-    -- release: on stock PostgreSQL, dropping a partition locks kwollect.samples exclusively
+    -- After the summaries (a range is dropped once they cover it) and near the end: on
+    -- stock PostgreSQL, dropping a partition locks kwollect.samples exclusively
     -- until maintain() commits, and before the compaction (up to 30 s) every reader and
     -- writer waited for that too.
     retained := kwollect.apply_retention();
