@@ -20,7 +20,7 @@ from tests.fixtures.gateway import start_gateway
 from tests.fixtures.kwdb import STORAGES, KwDb, setup_conf
 from tests.sqlapi import iso, load
 from tests.test_rollup import settle
-from tests.test_setup_db import archive_dir, connect, run_setup
+from tests.test_setup_db import connect, run_setup, setup_archiving
 
 # Statistics as their float8 bytes: kept bit for bit, not only equal as numbers.
 SUMMARY_ROWS = ("SELECT s.bucket, s.count, s.nan_count, float8send(s.avg) AS avg, "
@@ -64,9 +64,7 @@ async def chunks_before(admin: asyncpg.Connection, horizon: datetime) -> int:
 
 
 def test_archive_moves_compacted_blocks_with_their_partition(pg_cluster, tmp_path):
-    archive = archive_dir(pg_cluster)
-    assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive), "--timescaledb", "off",
-                     "--archive_after_hour", "24", database="kwdb_archive_blocks") == 0
+    setup_archiving(pg_cluster, tmp_path, "kwdb_archive_blocks", "off")
 
     async def check():
         conn = await connect(pg_cluster, database="kwdb_archive_blocks")

@@ -134,10 +134,15 @@ def archive_dir(pg_cluster):
     return archive
 
 
+def setup_archiving(pg_cluster, tmp_path, database: str, timescaledb: str) -> None:
+    """A database set up with the archive tablespace (archive_dir) and archiving after 24 h."""
+    assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive_dir(pg_cluster)),
+                     "--timescaledb", timescaledb, "--archive_after_hour", "24",
+                     database=database) == 0
+
+
 def test_archive_moves_old_partitions(pg_cluster, tmp_path):
-    archive = archive_dir(pg_cluster)
-    assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive), "--timescaledb", "off",
-                     "--archive_after_hour", "24", database="kwdb_archive") == 0
+    setup_archiving(pg_cluster, tmp_path, "kwdb_archive", "off")
 
     async def check():
         conn = await connect(pg_cluster, database="kwdb_archive")

@@ -18,7 +18,7 @@ from kwollect.store.setupdb import DEFAULTS, choose_storage
 from tests.fixtures.kwdb import WRITER_PASSWORD
 from tests.sqlapi import load
 from tests.test_compaction import START, compacted_rows, dataset, prepare, snapshot
-from tests.test_setup_db import archive_dir, connect, run_setup
+from tests.test_setup_db import connect, run_setup, setup_archiving
 
 needs_timescaledb = pytest.mark.skipif(missing_extension_reason("timescaledb") is not None,
                                        reason=str(missing_extension_reason("timescaledb")))
@@ -134,9 +134,7 @@ async def test_compression_is_lossless_and_transparent(tsdb):
 
 @needs_timescaledb
 def test_archive_moves_old_chunks_with_their_compressed_data(pg_cluster, tmp_path):
-    archive = archive_dir(pg_cluster)
-    assert run_setup(pg_cluster, tmp_path, "--archive_path", str(archive), "--timescaledb", "on",
-                     "--archive_after_hour", "24", database="kwdb_archive_ts") == 0
+    setup_archiving(pg_cluster, tmp_path, "kwdb_archive_ts", "on")
 
     async def check():
         conn = await connect(pg_cluster, database="kwdb_archive_ts")
