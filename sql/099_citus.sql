@@ -8,9 +8,10 @@
 -- A PL/pgSQL function hands Citus its queries with the parameter values bound.  The body
 -- is kept as it is: `RETURN QUERY body` for a set, `RETURN (body)` for a value (every such
 -- function here yields one row), and column names win over parameter names as they do in
--- SQL functions (#variable_conflict use_column); block_samples(row) is called with the
--- row's columns (block_decode), as a shard's rows are not of the table's type.  On stock PostgreSQL nothing changes: the
--- SQL functions stay inlinable there.
+-- SQL functions (#variable_conflict use_column).  Compacted blocks are decoded from their
+-- columns (block_decode), never from the block row, which a shard's rows are not of the
+-- table's type for (sql/025_compaction.sql).  On stock PostgreSQL nothing changes: the SQL
+-- functions stay inlinable there.
 --
 -- Files before this one re-create the SQL versions at each setup; this one converts them
 -- again, so re-running setup is safe.
@@ -37,12 +38,6 @@ BEGIN
           AND p.prosrc ~ '\.(samples\w*|series|summary\w*|metrics\w*)\y'
     LOOP
         body := regexp_replace(f.prosrc, ';\s*$', '');
-        -- The workers run block_samples(c) on a shard, whose row type is not the table's:
-        -- the columns are passed instead.
-        body := regexp_replace(body, 'kwollect\.block_samples\((\w+)\)',
-                               'kwollect.block_decode(\1.n, \1.t0, \1.t_unit, \1.t_period, '
-                               '\1.t_gap, \1.t_jit, \1.v_div, \1.v_first, \1.v_last, '
-                               '\1.v_off, \1.v_raw)', 'g');
         body := E'\n#variable_conflict use_column\nBEGIN\n'
                 || CASE WHEN f.proretset THEN 'RETURN QUERY ' || body || E';\n'
                         ELSE 'RETURN (' || body || E');\n' END
