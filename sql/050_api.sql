@@ -563,7 +563,9 @@ COMMENT ON FUNCTION api.get_metrics(integer, text, text, text, text, text, api.s
     'Samples of devices (or of a job''s nodes) between start_time and end_time, both '
     'inclusive, ordered by timestamp, device_id, metric_id and labels. '
     'summary=true (or 5min): 5-minute summaries; summary=1h: 1-hour rollups, for ranges of '
-    'months. as_rate=true|auto: per-second rate of counters.';
+    'months; a summary row is a bucket that overlaps the window, from the one start_time '
+    'falls in (a job''s first, partial bucket included, as in metrics_by_job_summary), '
+    'timestamped at its start. as_rate=true|auto: per-second rate of counters.';
 
 -- Devices and metrics with data in the minute before `at` (for Grafana's variables).
 -- params: {"devices": [...]} and/or {"job_id": "1234"} (the reference's form), or the plain

@@ -250,6 +250,36 @@ async def test_metrics_by_job_summary_1h_gives_the_hours_of_a_job(writer, reader
         (BASE + timedelta(hours=2), m) for m in sorted(SERIES)]
 
 
+@pytest.mark.parametrize(("level", "view", "width"), [
+    ("5min", "metrics_by_job_summary", timedelta(minutes=5)),
+    ("1h", "metrics_by_job_summary_1h", timedelta(hours=1))])
+async def test_get_metrics_and_the_job_views_agree_on_a_jobs_first_partial_bucket(
+        writer, reader, hours, level, view, width):
+    """A job that starts inside a bucket: get_metrics(job_id, summary) and the job's
+    summary view both give that first, partial bucket (it overlaps the job), then the same
+    rows to the end, on every storage."""
+    job = 12003 if level == "5min" else 12004
+    start = BASE + timedelta(minutes=42, seconds=30)
+    await writer.execute("INSERT INTO nodetime_per_job VALUES ($1, $2, $3, 'ru-1')",
+                         job, start, BASE + timedelta(hours=2, minutes=20))
+    api = await reader.fetch(
+        "SELECT timestamp, metric_id, value, labels FROM api.get_metrics(job_id => $1, "
+        "summary => $2::text)", job, level)
+    rows = await reader.fetch(
+        f"SELECT timestamp, metric_id, value, labels FROM {view} "  # noqa: S608 (fixed names)
+        "WHERE job_id = $1 ORDER BY timestamp, metric_id", job)
+    first = BASE + (start - BASE) // width * width
+    assert api[0]["timestamp"] == first < start
+    assert [(r["timestamp"], r["metric_id"], repr(r["value"]), r["labels"]) for r in api] == \
+        [(r["timestamp"], r["metric_id"], repr(r["value"]), r["labels"]) for r in rows]
+    # a window that starts on a bucket's start begins with that bucket, not the one before
+    aligned = await reader.fetch(
+        "SELECT timestamp FROM api.get_metrics(devices => 'ru-1', metrics => 'ru_power', "
+        "start_time => $1, end_time => $2, summary => $3::text)",
+        iso(first), iso(first + width), level)
+    assert [r["timestamp"] for r in aligned] == [first, first + width]
+
+
 async def test_months_through_the_1h_rollup(admin, writer, reader):
     """Two days of half-hourly samples in each month of a quarter, read over the quarter:
     one row per hour with data, in order.  (Days, not the whole quarter: 360 partitions
