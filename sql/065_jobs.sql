@@ -453,3 +453,21 @@ END $$;
 COMMENT ON FUNCTION api.get_job_metrics(integer) IS
     'Job-wide metrics: energy (Wh), mean and peak power per node and for the job, data '
     'completeness per node and metric, plus the site''s configured requests.';
+
+-- A job's window, as get_metrics(job_id => ...) reads it (kwollect.metrics_request: from
+-- its first node's start to its last node's stop, or to now while a node still runs), for
+-- clients that choose a summary level by the job's length before reading (the web view:
+-- raw samples up to 30 minutes, 5-minute summaries up to 7 days, the 1-hour rollup
+-- beyond).  get_job_metrics has the window too, but reads every raw row of the job first.
+CREATE OR REPLACE FUNCTION api.job_window(job_id integer)
+RETURNS TABLE (start_time timestamptz, end_time timestamptz, running boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT r.start_time, r.end_time,
+           EXISTS (SELECT 1 FROM public.nodetime_by_job j
+                   WHERE j.job_id = job_window.job_id AND j.stop_time IS NULL)
+    FROM kwollect.metrics_request(job_window.job_id, NULL, NULL, NULL, NULL, NULL) r
+$$;
+COMMENT ON FUNCTION api.job_window(integer) IS
+    'A job''s time window, as get_metrics(job_id) reads it: start_time (its first node''s '
+    'start), end_time (its last node''s stop, or now while running) and running. HTTP 404 '
+    'for an unknown job.';

@@ -37,7 +37,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
                    'api.get_metrics(integer, text, text, text, text, text, api.summary_mode, '
                    'api.as_rate_mode), '
-                   'api.available_metrics, api.get_job_metrics, api.unknown_ids TO %I, %I',
+                   'api.available_metrics, api.get_job_metrics, api.job_window, api.unknown_ids '
+                   'TO %I, %I',
                    writer, reader);
 
     -- Writing: samples (through the view, the API or binary COPY), series, promotion.

@@ -1,4 +1,4 @@
-"""available_metrics, insert_metrics, get_job_metrics and update_promoted_metrics."""
+"""available_metrics, insert_metrics, get_job_metrics, job_window and update_promoted_metrics."""
 
 from __future__ import annotations
 
@@ -149,6 +149,26 @@ async def test_job_energy_and_requests(admin, writer, reader):
     assert result["jobnode_maxpower_watt"] == 360.0
     with pytest.raises(asyncpg.PostgresError, match="not found") as err:
         await reader.fetchval("SELECT api.get_job_metrics(9999999)")
+    assert err.value.sqlstate == "PT404"
+
+
+async def test_job_window_is_the_window_get_metrics_reads(writer, reader):
+    """From the first node's start to the last node's stop; while a node runs, to now (the
+    web view picks raw rows or a summary level by its length); an unknown job: PT404."""
+    start = datetime(2023, 6, 1, 8, 0, tzinfo=UTC)
+    await writer.execute(
+        "INSERT INTO nodetime_per_job VALUES (9011, $1, $2, 'jw-1'), (9011, $3, $4, 'jw-2'), "
+        "(9012, $1, $2, 'jw-1'), (9012, $3, NULL, 'jw-2')",
+        start, start + timedelta(days=3), start + timedelta(minutes=1),
+        start + timedelta(days=3, hours=2))
+    done = await reader.fetch("SELECT * FROM api.job_window(9011)")
+    assert [tuple(r) for r in done] == [(start, start + timedelta(days=3, hours=2), False)]
+    before = await reader.fetchval("SELECT now()")
+    running = await reader.fetchrow("SELECT * FROM api.job_window(job_id => 9012)")
+    assert running["start_time"] == start and running["running"] is True
+    assert running["end_time"] >= before
+    with pytest.raises(asyncpg.PostgresError, match="job 9999999 not found") as err:
+        await reader.fetch("SELECT * FROM api.job_window(9999999)")
     assert err.value.sqlstate == "PT404"
 
 

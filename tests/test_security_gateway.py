@@ -378,6 +378,7 @@ PARAMETERS = {
                     "summary", "as_rate"],
     "available_metrics": ["at", "params", "devices", "job_id"],
     "get_job_metrics": ["job_id"],
+    "job_window": ["job_id"],
     "unknown_ids": ["devices", "metrics"],
 }
 

@@ -182,6 +182,60 @@ def test_long_ranges_read_the_summaries_and_the_1h_rollup(gateway, ui_hours, bro
     assert severe(browser) == []
 
 
+@pytest.fixture(scope="module")
+async def ui_long(kwdb):
+    """ui-long: power every 10 s for the 9 days that started 10 days ago (77,760 rows),
+    summarized and rolled up; the first hour."""
+    first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=10)
+    writer, admin = await kwdb.connect("kwuser"), await kwdb.connect("admin")
+    try:
+        await load(writer, series("ui-long", "bmc_node_power_watt", first, 9 * 8640, 10,
+                                  value=lambda i: 100.0))
+        await settle_rollup(admin)
+    finally:
+        await writer.close()
+        await admin.close()
+    return first
+
+
+@pytest.mark.parametrize(("job", "hours", "status"), [
+    (9311, 192, "193 rows, 1 series, 1 metrics (1-hour rollups)"),
+    (9312, 72, "865 rows, 1 series, 1 metrics (5-minute summaries)"),
+    (9313, 1 / 3, "121 rows, 1 series, 1 metrics")])
+def test_the_job_window_reads_the_level_of_the_jobs_length(gateway, kwdb, ui_long, browser,
+                                                            job, hours, status):
+    """A job of 8 days (69,120 raw rows) or 3 days (25,920), over the gateway's row bound
+    of 20,000, is drawn from the 1-hour rollup or the 5-minute summaries (buckets from the
+    one it started in to the one it stopped in), as the fixed ranges and Grafana choose;
+    a job of 20 minutes from its raw rows.  The job's energy, from its raw rows, is
+    refused (413) for the long ones: said in the energy section, the chart stays."""
+    import asyncio
+
+    from selenium.webdriver.common.by import By
+
+    start = ui_long + timedelta(hours=1)
+    asyncio.run(load_job(kwdb, [], job, ["ui-long"], start, start + timedelta(hours=hours)))
+    browser.get(f"{gateway.url}/ui/?job={job}&metrics=bmc_node_power_watt&range=job&live=0")
+    shown = wait_for(browser, lambda d: ("rows" in d.find_element(By.ID, "status").text
+                                         or "error" in d.find_element(By.ID, "status")
+                                         .get_attribute("class"))
+                     and d.find_element(By.ID, "status"))
+    assert shown.text == status
+    points = int(status.split()[0])
+    assert traces(browser) == {"bmc_node_power_watt": {"ui-long": points}}
+    drawn = browser.execute_script(
+        "const t = document.querySelector('#charts .chart').data[0]; return [t.x[0], t.y];")
+    assert datetime.fromisoformat(drawn[0]) == start
+    assert set(drawn[1]) == {100.0}
+    wait_for(browser, lambda d: d.find_element(By.ID, "energy").is_displayed())
+    energy_error = browser.find_element(By.ID, "energy-error")
+    if hours > 24:
+        assert "request too large" in energy_error.text
+    else:
+        assert not energy_error.is_displayed()
+    assert [m for m in severe(browser) if "413" not in m] == []
+
+
 def test_api_errors_are_shown_not_thrown(gateway, ui_data, browser):
     from selenium.webdriver.common.by import By
 

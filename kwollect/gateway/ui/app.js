@@ -1,5 +1,6 @@
 // kwollect's web view: the /rpc API plotted with plotly.js. Read-only: it calls
-// available_metrics, get_metrics and get_job_metrics, with the visitor's token if given.
+// available_metrics, job_window, get_metrics and get_job_metrics, with the visitor's token
+// if given.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -73,21 +74,37 @@ async function loadMetricChoices(preselect) {
   }));
 }
 
-function requestParams(sel) {
+// The summary level for a window of `seconds`: null (raw samples), "5min" or "1h".
+function summaryLevel(seconds) {
+  if (seconds > ROLLUP_OVER_S) return "1h";
+  if (seconds >= SUMMARY_FROM_S) return "5min";
+  return null;
+}
+
+// The job's window in seconds, as get_metrics reads it (to now while the job runs): a
+// job of days would otherwise be read as raw rows and refused (413).
+async function jobSeconds(job) {
+  const [win] = await (await call("job_window", { job_id: job })).json();
+  return (Date.parse(win.end_time) - Date.parse(win.start_time)) / 1000;
+}
+
+async function requestParams(sel) {
   const p = { as_rate: "auto" };
   if (sel.job) p.job_id = sel.job;
   if (sel.devices.length) p.devices = sel.devices.join(",");
   if (sel.metrics.length) p.metrics = sel.metrics.join(",");
+  let level;
   if (sel.range !== "job") {
     const now = Date.now() / 1000;
     p.start_time = String(Math.floor(now - Number(sel.range)));
     p.end_time = String(Math.ceil(now));
-    const range = Number(sel.range);
-    if (range > ROLLUP_OVER_S) p.summary = "1h";
-    else if (range >= SUMMARY_FROM_S) p.summary = "5min";
+    level = summaryLevel(Number(sel.range));
   } else if (!sel.job) {
     throw new Error("'job window' needs a job id");
+  } else {
+    level = summaryLevel(await jobSeconds(sel.job));
   }
+  if (level) p.summary = level;
   return p;
 }
 
@@ -135,10 +152,20 @@ function draw(rows) {
   return byMetric;
 }
 
+// The job's energy, or why it is missing (get_job_metrics reads the job's raw rows: a
+// long job's may be over the row bound, 413), beside a chart that is drawn anyway.
 async function showEnergy(job) {
   const section = $("energy");
   if (!job) { section.hidden = true; return; }
-  const result = await (await call("get_job_metrics", { job_id: job })).json();
+  let result;
+  try {
+    result = await (await call("get_job_metrics", { job_id: job })).json();
+    $("energy-error").hidden = true;
+  } catch (e) {
+    result = {};
+    $("energy-error").textContent = e.message;
+    $("energy-error").hidden = false;
+  }
   const perNode = result.node_energy_watthour || {};
   const body = section.querySelector("tbody");
   body.replaceChildren(...Object.keys(perNode).sort().map((node) => {
@@ -174,7 +201,7 @@ async function refresh() {
   const sel = selection();
   if (!sel.job && !sel.devices.length) { setStatus("Pick a job, or devices, then Show."); return; }
   let params;
-  try { params = requestParams(sel); } catch (e) { setStatus(e.message, true); return; }
+  try { params = await requestParams(sel); } catch (e) { setStatus(e.message, true); return; }
   lastQuery = params;
   history.replaceState(null, "", "?" + new URLSearchParams(
     Object.fromEntries(Object.entries({ job: sel.job, devices: sel.devices.join(","),
