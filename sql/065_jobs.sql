@@ -350,23 +350,118 @@ DROP FUNCTION IF EXISTS kwollect.job_energy(integer, text);
 -- power over the time covered and the peak; and per node and metric, the completeness:
 -- samples stored against samples expected over the job's window at the series' period
 -- (the median interval between its samples), and the longest gap.
-CREATE OR REPLACE FUNCTION kwollect.job_builtin_metrics(p_job_id integer, p_metric text)
+--
+-- p_summary false ('raw'): every raw row of the job, through get_metrics(job_id), under
+-- its row bound.  p_summary true ('summary'): the whole 5-minute buckets [p_lo, p_hi)
+-- except p_dirty (late rows not summarized yet) from kwollect.summary, the rest of the
+-- window (the partial buckets at its edges, the buckets after the watermark, the dirty
+-- ones) from raw rows, each range through get_metrics under the row bound.  The power
+-- is then integrated over the raw samples and one point per bucket (its avg, at the
+-- bucket's middle), peaks are the buckets' max, samples stored their count + nan_count;
+-- a source series of an alias counts for the alias as its sources are summed per
+-- timestamp: stored and period from the source with the most samples, power and peak
+-- from the sum of the sources' avg and max (docs/jobs.md).
+CREATE OR REPLACE FUNCTION kwollect.job_builtin_figures(
+    p_job_id integer, p_metric text, p_summary boolean, p_lo timestamptz, p_hi timestamptz,
+    p_dirty timestamptz[], p_series integer[])
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     WITH win AS MATERIALIZED (
-        SELECT r.start_time AS t0, r.end_time AS t1
+        SELECT r.start_time AS t0, r.end_time AS t1, r.devices
         FROM kwollect.metrics_request(p_job_id, NULL, NULL, NULL, NULL, NULL) r
-    ), rows AS MATERIALIZED (
+    ), req_series AS MATERIALIZED (
+        SELECT rs.* FROM win, kwollect.request_series(win.devices, NULL) rs
+        WHERE p_summary AND NOT rs.out_labels ? '_job_id'
+    ), origs AS (  -- an alias's sources, as get_metrics labels its rows (_device_orig)
+        SELECT r.out_device, r.metric_id, r.out_labels, jsonb_agg(DISTINCT r.orig_device) AS orig
+        FROM req_series r WHERE r.via_alias GROUP BY 1, 2, 3
+    ), sel AS MATERIALIZED (  -- summary: the output series (device, metric, labels) of each series
+        SELECT r.series_id, r.out_device AS device_id, r.metric_id,
+               CASE WHEN r.via_alias
+                    THEN r.out_labels || jsonb_build_object('_device_orig', o.orig)
+                    ELSE r.out_labels END AS labels
+        FROM req_series r
+        LEFT JOIN origs o ON r.via_alias AND o.out_device = r.out_device
+                         AND o.metric_id = r.metric_id AND o.out_labels = r.out_labels
+    ), used AS MATERIALIZED (  -- summary: the buckets read from kwollect.summary
+        SELECT b FROM generate_series(p_lo, p_hi - interval '5 minutes', interval '5 minutes') b
+        WHERE p_summary AND b <> ALL (coalesce(p_dirty, '{}'))
+    ), islands AS (
+        SELECT min(b) AS s, max(b) + interval '5 minutes' AS e
+        FROM (SELECT b, b - interval '5 minutes' * row_number() OVER (ORDER BY b) AS grp
+              FROM used) u
+        GROUP BY grp
+    ), raw_ranges AS (  -- summary: the rest of the window, [lo, hi) and the last [lo, t1]
+        SELECT coalesce(lag(i.e) OVER (ORDER BY i.s), win.t0) AS lo,
+               i.s - interval '1 microsecond' AS hi
+        FROM win, islands i
+        UNION ALL
+        SELECT coalesce((SELECT max(e) FROM islands), win.t0), win.t1 FROM win
+    ), raw AS (  -- part: the raw range a row comes from (intervals are taken within one)
         SELECT m."timestamp" AS ts, m.device_id, m.metric_id, m.value, m.labels,
-               lag(m."timestamp") OVER s AS prev_ts, lag(m.value) OVER s AS prev
+               NULL::timestamptz AS part
         FROM api.get_metrics(job_id => p_job_id) m
-        WHERE NOT m.labels ? '_job_id'
-        WINDOW s AS (PARTITION BY m.device_id, m.metric_id, m.labels ORDER BY m."timestamp")
-    ), series AS (
+        WHERE NOT p_summary
+        UNION ALL
+        SELECT m."timestamp", m.device_id, m.metric_id, m.value, m.labels, r.lo
+        FROM raw_ranges r
+        CROSS JOIN LATERAL api.get_metrics(
+            job_id => p_job_id,
+            start_time => to_char(r.lo AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00"'),
+            end_time => to_char(r.hi AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00"')) m
+        WHERE p_summary AND r.lo <= r.hi
+    ), rows AS MATERIALIZED (
+        SELECT r.ts, r.device_id, r.metric_id, r.value, r.labels,
+               lag(r.ts) OVER s AS prev_ts
+        FROM raw r
+        WHERE NOT r.labels ? '_job_id'
+        WINDOW s AS (PARTITION BY r.device_id, r.metric_id, r.labels, r.part ORDER BY r.ts)
+    ), buckets AS MATERIALIZED (  -- summary: per series and bucket (Citus: one pushed-down query)
+        SELECT su.series_id, su.bucket, su.count, su.nan_count, su.avg, su.max,
+               lag(su.bucket) OVER (PARTITION BY su.series_id ORDER BY su.bucket) AS prev_bucket
+        FROM kwollect.summary su
+        WHERE p_summary AND su.series_id = ANY (p_series)
+          AND su.bucket >= p_lo AND su.bucket < p_hi
+          AND su.bucket <> ALL (coalesce(p_dirty, '{}'))
+    ), summary_series AS (
+        SELECT s.device_id, s.metric_id, s.labels,
+               max(b.stored) AS stored, max(b.median_n) AS median_n, max(b.max_step_s) AS max_step_s
+        FROM (SELECT b.series_id, sum(b.count + b.nan_count) AS stored,
+                     percentile_disc(0.5) WITHIN GROUP (ORDER BY b.count + b.nan_count) AS median_n,
+                     -- the buckets read raw in between (dirty) do not count
+                     max(date_part('epoch', b.bucket - b.prev_bucket)
+                         - 300 * (SELECT count(*) FROM unnest(p_dirty) d
+                                  WHERE d > b.prev_bucket AND d < b.bucket)) AS max_step_s
+              FROM buckets b GROUP BY 1) b
+        JOIN sel s ON s.series_id = b.series_id
+        GROUP BY 1, 2, 3
+    ), raw_series AS (
         SELECT r.device_id, r.metric_id, r.labels, count(*) AS stored,
                percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', r.ts - r.prev_ts))
                    FILTER (WHERE r.prev_ts IS NOT NULL AND r.ts > r.prev_ts) AS period_s,
+               count(*) FILTER (WHERE r.prev_ts IS NOT NULL AND r.ts > r.prev_ts) AS intervals,
                max(date_part('epoch', r.ts - r.prev_ts)) AS max_gap_s
         FROM rows r GROUP BY 1, 2, 3
+    ), series AS (
+        SELECT device_id, metric_id, stored, period_s, max_gap_s FROM raw_series
+        WHERE NOT p_summary
+        UNION ALL
+        -- the period: the raw rows' median interval where they have 5 intervals or more,
+        -- else 5 minutes over the median samples per bucket; a gap between buckets is
+        -- seen to within a bucket (a run of missing buckets, plus one period)
+        SELECT x.device_id, x.metric_id, x.stored, x.period_s,
+               greatest(x.raw_gap_s, CASE WHEN x.max_step_s > 300
+                                          THEN x.max_step_s - 300 + x.period_s
+                                          ELSE x.period_s END)
+        FROM (SELECT coalesce(r.device_id, s.device_id) AS device_id,
+                     coalesce(r.metric_id, s.metric_id) AS metric_id,
+                     coalesce(r.stored, 0) + coalesce(s.stored, 0) AS stored,
+                     CASE WHEN r.intervals >= 5 OR NOT s.median_n > 0 THEN r.period_s
+                          ELSE 300.0 / s.median_n END AS period_s,
+                     r.max_gap_s AS raw_gap_s, s.max_step_s
+              FROM raw_series r
+              FULL JOIN summary_series s ON s.device_id = r.device_id
+                                        AND s.metric_id = r.metric_id AND s.labels = r.labels
+              WHERE p_summary) x
     ), completeness AS (
         SELECT s.device_id, s.metric_id, sum(s.stored) AS stored,
                sum(CASE WHEN s.period_s > 0
@@ -374,21 +469,35 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                         ELSE s.stored END) AS expected,
                min(s.period_s) AS period_s, max(s.max_gap_s) AS max_gap_s
         FROM series s, win GROUP BY 1, 2
+    ), points AS (  -- the power: raw samples, and (summary) one point per bucket
+        SELECT r.ts, r.device_id, r.labels, r.value, r.value AS peak
+        FROM rows r WHERE r.metric_id = p_metric
+        UNION ALL
+        SELECT b.bucket + interval '150 seconds', s.device_id, s.labels,
+               coalesce(sum(b.avg), 'NaN'), sum(b.max)
+        FROM buckets b JOIN sel s ON s.series_id = b.series_id
+        WHERE s.metric_id = p_metric
+        GROUP BY b.bucket, s.device_id, s.labels
+    ), lagged AS (
+        SELECT p.*, lag(p.ts) OVER s AS prev_ts, lag(p.value) OVER s AS prev
+        FROM points p
+        WINDOW s AS (PARTITION BY p.device_id, p.labels ORDER BY p.ts)
     ), power AS (
         SELECT r.device_id,
                sum((r.value + r.prev) / 2 * date_part('epoch', r.ts - r.prev_ts))
                    FILTER (WHERE r.prev IS NOT NULL AND r.prev <> 'NaN') / 3600 AS energy_wh,
                sum(date_part('epoch', r.ts - r.prev_ts))
                    FILTER (WHERE r.prev IS NOT NULL AND r.prev <> 'NaN') AS covered_s,
-               max(r.value) AS peak_w
-        FROM rows r
-        WHERE r.metric_id = p_metric AND r.value <> 'NaN'
+               max(r.peak) AS peak_w
+        FROM lagged r
+        WHERE r.value <> 'NaN'
         GROUP BY 1
     )
     SELECT jsonb_build_object(
         'job_id', p_job_id,
         'start_time', win.t0,
         'end_time', win.t1,
+        'method', CASE WHEN p_summary THEN 'summary' ELSE 'raw' END,
         'energy_metric', p_metric,
         -- NULL (not 0 Wh) where no power was stored: a missing figure, with a hint
         'job_energy_watthour', (SELECT sum(energy_wh) FROM power),
@@ -427,6 +536,56 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
             FROM completeness c), '[]'))
     FROM win
 $$;
+COMMENT ON FUNCTION kwollect.job_builtin_figures(integer, text, boolean, timestamptz,
+                                                 timestamptz, timestamptz[], integer[]) IS
+    'A job''s built-in figures (get_job_metrics) from its raw rows (p_summary false), or from '
+    'the 5-minute summaries of the whole buckets [p_lo, p_hi) but p_dirty, of series p_series, '
+    'and raw rows for the rest of the window (p_summary true).';
+
+-- The built-in figures of a job: from its raw rows (method 'raw', the figures exactly)
+-- while they fit in the row bound (kwollect.max_rows or the setting max_rows, as
+-- get_metrics), else (get_metrics refused them: HTTP 413) from the 5-minute summaries for
+-- the whole buckets below the watermark that no late row made dirty, and raw rows for the
+-- rest (method 'summary').  Measured differences of the summary method against the raw
+-- figures are in docs/jobs.md.
+CREATE OR REPLACE FUNCTION kwollect.job_builtin_metrics(p_job_id integer, p_metric text)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    req   record;
+    w_lo    timestamptz;
+    w_hi    timestamptz;
+    dirty timestamptz[];
+    ids   integer[];
+BEGIN
+    BEGIN
+        RETURN kwollect.job_builtin_figures(p_job_id, p_metric, false, NULL, NULL, NULL, NULL);
+    EXCEPTION WHEN SQLSTATE 'PT413' THEN
+        NULL;  -- too many raw rows: on to the summaries
+    END;
+    SELECT * INTO req FROM kwollect.metrics_request(p_job_id, NULL, NULL, NULL, NULL, NULL);
+    -- whole buckets: from the first that starts in the window to the one of its end
+    -- (partial: the samples after the end are in it), not past the watermark
+    w_lo := kwollect.bucket_of(req.start_time);
+    IF w_lo < req.start_time THEN
+        w_lo := w_lo + interval '5 minutes';
+    END IF;
+    w_hi := least(kwollect.bucket_of(req.end_time),
+                coalesce((SELECT s.watermark FROM kwollect.summary_state s), '-infinity'));
+    w_hi := greatest(w_lo, w_hi);
+    SELECT array_agg(DISTINCT b) INTO dirty
+    FROM kwollect.summary_dirty d,
+         generate_series(greatest(kwollect.bucket_of(d.lo), w_lo),
+                         least(kwollect.bucket_of(d.hi), w_hi - interval '5 minutes'),
+                         interval '5 minutes') b
+    WHERE d.lo < w_hi AND d.hi >= w_lo;
+    SELECT array_agg(rs.series_id) INTO ids
+    FROM kwollect.request_series(req.devices, NULL) rs
+    WHERE NOT rs.out_labels ? '_job_id';
+    RETURN kwollect.job_builtin_figures(p_job_id, p_metric, true, w_lo, w_hi, dirty, ids);
+END $$;
+COMMENT ON FUNCTION kwollect.job_builtin_metrics(integer, text) IS
+    'get_job_metrics'' built-in figures: from the raw rows (method raw) under the row bound, '
+    'else from the 5-minute summaries plus raw rows at the edges (method summary).';
 
 CREATE OR REPLACE FUNCTION api.get_job_metrics(job_id integer)
 RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
