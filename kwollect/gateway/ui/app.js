@@ -152,8 +152,8 @@ function draw(rows) {
   return byMetric;
 }
 
-// The job's energy, or why it is missing (get_job_metrics reads the job's raw rows: a
-// long job's may be over the row bound, 413), beside a chart that is drawn anyway.
+// The job's energy, or why it is missing, beside a chart that is drawn anyway.
+// get_job_metrics reads a long job's 5-minute summaries (method "summary"): said here.
 async function showEnergy(job) {
   const section = $("energy");
   if (!job) { section.hidden = true; return; }
@@ -176,6 +176,7 @@ async function showEnergy(job) {
     tr.append(th, td);
     return tr;
   }));
+  $("energy-method").hidden = result.method !== "summary";
   const total = result.job_energy_watthour;
   $("energy-total").textContent = total === null || total === undefined ? "–" : Number(total).toFixed(2);
   section.hidden = false;
