@@ -422,32 +422,40 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         WHERE p_summary AND su.series_id = ANY (p_series)
           AND su.bucket >= p_lo AND su.bucket < p_hi
           AND su.bucket <> ALL (coalesce(p_dirty, '{}'))
+    ), bucket_series AS (
+        SELECT b.series_id, sum(b.count + b.nan_count) AS stored,
+               percentile_disc(0.5) WITHIN GROUP (ORDER BY b.count + b.nan_count) AS median_n,
+               -- the buckets read raw in between (dirty) do not count
+               max(date_part('epoch', b.bucket - b.prev_bucket)
+                   - 300 * (SELECT count(*) FROM unnest(p_dirty) d
+                            WHERE d > b.prev_bucket AND d < b.bucket)) AS max_step_s
+        FROM buckets b GROUP BY 1
     ), summary_series AS (
-        SELECT s.device_id, s.metric_id, s.labels,
-               max(b.stored) AS stored, max(b.median_n) AS median_n, max(b.max_step_s) AS max_step_s
-        FROM (SELECT b.series_id, sum(b.count + b.nan_count) AS stored,
-                     percentile_disc(0.5) WITHIN GROUP (ORDER BY b.count + b.nan_count) AS median_n,
-                     -- the buckets read raw in between (dirty) do not count
-                     max(date_part('epoch', b.bucket - b.prev_bucket)
-                         - 300 * (SELECT count(*) FROM unnest(p_dirty) d
-                                  WHERE d > b.prev_bucket AND d < b.bucket)) AS max_step_s
-              FROM buckets b GROUP BY 1) b
-        JOIN sel s ON s.series_id = b.series_id
+        -- the period: 5 minutes over the mean samples per bucket, of the buckets within one
+        -- sample of the median (not those of a gap): 7 s from buckets of 42 and 43 samples
+        SELECT s.device_id, s.metric_id, s.labels, max(x.stored) AS stored,
+               min(x.period_s) AS period_s, max(x.max_step_s) AS max_step_s
+        FROM (SELECT bs.series_id, bs.stored, bs.max_step_s,
+                     300.0 * count(*) / nullif(sum(b.count + b.nan_count), 0) AS period_s
+              FROM bucket_series bs
+              JOIN buckets b ON b.series_id = bs.series_id
+                            AND b.count + b.nan_count BETWEEN bs.median_n - 1 AND bs.median_n + 1
+              GROUP BY 1, 2, 3) x
+        JOIN sel s ON s.series_id = x.series_id
         GROUP BY 1, 2, 3
     ), raw_series AS (
         SELECT r.device_id, r.metric_id, r.labels, count(*) AS stored,
                percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', r.ts - r.prev_ts))
                    FILTER (WHERE r.prev_ts IS NOT NULL AND r.ts > r.prev_ts) AS period_s,
-               count(*) FILTER (WHERE r.prev_ts IS NOT NULL AND r.ts > r.prev_ts) AS intervals,
                max(date_part('epoch', r.ts - r.prev_ts)) AS max_gap_s
         FROM rows r GROUP BY 1, 2, 3
     ), series AS (
         SELECT device_id, metric_id, stored, period_s, max_gap_s FROM raw_series
         WHERE NOT p_summary
         UNION ALL
-        -- the period: the raw rows' median interval where they have 5 intervals or more,
-        -- else 5 minutes over the median samples per bucket; a gap between buckets is
-        -- seen to within a bucket (a run of missing buckets, plus one period)
+        -- the period: the summaries' (above), else the raw rows' median interval; a gap
+        -- between buckets is seen to within a bucket (a run of missing buckets, plus one
+        -- period)
         SELECT x.device_id, x.metric_id, x.stored, x.period_s,
                greatest(x.raw_gap_s, CASE WHEN x.max_step_s > 300
                                           THEN x.max_step_s - 300 + x.period_s
@@ -455,8 +463,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         FROM (SELECT coalesce(r.device_id, s.device_id) AS device_id,
                      coalesce(r.metric_id, s.metric_id) AS metric_id,
                      coalesce(r.stored, 0) + coalesce(s.stored, 0) AS stored,
-                     CASE WHEN r.intervals >= 5 OR NOT s.median_n > 0 THEN r.period_s
-                          ELSE 300.0 / s.median_n END AS period_s,
+                     coalesce(s.period_s, r.period_s) AS period_s,
                      r.max_gap_s AS raw_gap_s, s.max_step_s
               FROM raw_series r
               FULL JOIN summary_series s ON s.device_id = r.device_id
@@ -469,19 +476,23 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                         ELSE s.stored END) AS expected,
                min(s.period_s) AS period_s, max(s.max_gap_s) AS max_gap_s
         FROM series s, win GROUP BY 1, 2
-    ), points AS (  -- the power: raw samples, and (summary) one point per bucket
-        SELECT r.ts, r.device_id, r.labels, r.value, r.value AS peak
+    ), points AS (  -- the power: raw samples, and (summary) each bucket's avg at its start
+        -- and its end (ord: at one timestamp, a bucket's end before a raw sample before a
+        -- bucket's start), so that a whole bucket counts avg x 5 minutes
+        SELECT r.ts, 1 AS ord, r.device_id, r.labels, r.value, r.value AS peak
         FROM rows r WHERE r.metric_id = p_metric
         UNION ALL
-        SELECT b.bucket + interval '150 seconds', s.device_id, s.labels,
+        SELECT b.bucket + e.shift, e.ord, s.device_id, s.labels,
                coalesce(sum(b.avg), 'NaN'), sum(b.max)
-        FROM buckets b JOIN sel s ON s.series_id = b.series_id
+        FROM buckets b
+        JOIN sel s ON s.series_id = b.series_id
+        CROSS JOIN (VALUES (interval '0', 2), (interval '5 minutes', 0)) AS e(shift, ord)
         WHERE s.metric_id = p_metric
-        GROUP BY b.bucket, s.device_id, s.labels
+        GROUP BY b.bucket, e.shift, e.ord, s.device_id, s.labels
     ), lagged AS (
         SELECT p.*, lag(p.ts) OVER s AS prev_ts, lag(p.value) OVER s AS prev
         FROM points p
-        WINDOW s AS (PARTITION BY p.device_id, p.labels ORDER BY p.ts)
+        WINDOW s AS (PARTITION BY p.device_id, p.labels ORDER BY p.ts, p.ord)
     ), power AS (
         SELECT r.device_id,
                sum((r.value + r.prev) / 2 * date_part('epoch', r.ts - r.prev_ts))
