@@ -622,13 +622,16 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION api.get_job_metrics(integer) IS
     'Job-wide metrics: energy (Wh), mean and peak power per node and for the job, data '
-    'completeness per node and metric, plus the site''s configured requests.';
+    'completeness per node and metric, plus the site''s configured requests. method: raw '
+    '(from every raw sample, exact) or, for a job over the row bound, summary (5-minute '
+    'summaries with raw samples at the edges: energy within 0.1 %, peaks and counts exact; '
+    'docs/jobs.md).';
 
 -- A job's window, as get_metrics(job_id => ...) reads it (kwollect.metrics_request: from
 -- its first node's start to its last node's stop, or to now while a node still runs), for
 -- clients that choose a summary level by the job's length before reading (the web view:
 -- raw samples up to 30 minutes, 5-minute summaries up to 7 days, the 1-hour rollup
--- beyond).  get_job_metrics has the window too, but reads every raw row of the job first.
+-- beyond).  get_job_metrics has the window too.
 CREATE OR REPLACE FUNCTION api.job_window(job_id integer)
 RETURNS TABLE (start_time timestamptz, end_time timestamptz, running boolean)
 LANGUAGE sql STABLE AS $$
