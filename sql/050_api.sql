@@ -438,11 +438,123 @@ RETURNS double precision LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
            END
 $$;
 
+-- The text columns of each requested series (own and through an alias), and whether its
+-- rate is asked for.
+CREATE OR REPLACE FUNCTION kwollect.metrics_out(p_own_ids integer[], p_alias_ids integer[],
+                                                p_rate_mode text)
+RETURNS TABLE (series_id integer, via_alias boolean, device_id text, metric_id text,
+               labels jsonb, rated boolean)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT se.series_id, v.via_alias,
+           CASE WHEN v.via_alias THEN se.device_alias ELSE se.device_id END,
+           se.metric_id, se.labels - '_device_alias',
+           p_rate_mode = 'all' OR (p_rate_mode = 'auto' AND se.metric_id LIKE '%\_total')
+    FROM (VALUES (false, p_own_ids), (true, p_alias_ids)) AS v(via_alias, ids)
+    JOIN kwollect.series se ON se.series_id = ANY (v.ids)
+$$;
+
+-- The text columns by output rank, as jsonb arrays (element rank - 1): a rank is one
+-- (device, metric, labels), whether read as itself or through an alias.
+CREATE OR REPLACE FUNCTION kwollect.metrics_names(
+    p_own_ids integer[], p_own_base integer, p_own_ranks integer[],
+    p_alias_ids integer[], p_alias_base integer, p_alias_ranks integer[])
+RETURNS TABLE (devices jsonb, metrics jsonb, labels jsonb)
+LANGUAGE sql STABLE PARALLEL SAFE ROWS 1 AS $$
+    SELECT jsonb_agg(r.device_id ORDER BY r.rank), jsonb_agg(r.metric_id ORDER BY r.rank),
+           jsonb_agg(r.labels ORDER BY r.rank)
+    FROM (SELECT DISTINCT ON (1) CASE WHEN o.via_alias
+                                      THEN p_alias_ranks[o.series_id - p_alias_base + 1]
+                                      ELSE p_own_ranks[o.series_id - p_own_base + 1]
+                                 END AS rank,
+                 o.device_id, o.metric_id, o.labels
+          FROM kwollect.metrics_out(p_own_ids, p_alias_ids, 'no') o
+          ORDER BY 1) r
+$$;
+
+-- The chunks of a window, in ascending order: minute keys [k, k_hi] and their time bounds.
+CREATE OR REPLACE FUNCTION kwollect.metrics_chunks(p_t0 timestamptz, p_k0 integer,
+                                                   p_k1 integer, p_step integer)
+RETURNS TABLE (k integer, k_hi integer, lo timestamptz, hi timestamptz)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT k, k_hi, greatest(p_t0, to_timestamp(k::double precision * 60)),
+           to_timestamp((k_hi + 1)::double precision * 60)
+    FROM generate_series(p_k0, p_k1, p_step) AS k,
+         LATERAL (SELECT least(k + p_step - 1, p_k1) AS k_hi) b
+$$;
+
 -- The labels of an output row, with the sources of a row summed through an alias.
 CREATE OR REPLACE FUNCTION kwollect.with_orig(p_labels jsonb, p_orig jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN p_orig IS NULL THEN p_labels
                 ELSE p_labels || jsonb_build_object('_device_orig', p_orig) END
+$$;
+
+-- The reads of get_metrics that are not its own rows' stream: rows summed through an alias
+-- (raw), and rates (raw or summaries: each series in time order first, so the whole window
+-- is sorted).  Never inlined (a function with a SET clause is not): the planner lays out
+-- the partitions these scans read when such a read runs, instead of at every get_metrics
+-- call.  Inlined, their four scans of kwollect.samples and kwollect.samples_compact made
+-- every call plan every partition five times: 300-340 ms with a year of 6-hour partitions
+-- (1,465), against 68-72 ms for the own rows' two scans alone (docs/storage.md).  Its rows
+-- are materialized before they are sent (rates sorted the whole window already): 5.1 s for
+-- the rates of the 1.44 M-row read against 4.9 inlined; a set-returning function of the
+-- select list would stream them, but one executor call per row made that read 7.3 s.
+CREATE OR REPLACE FUNCTION kwollect.metrics_general(
+    p_t0 timestamptz, p_t1 timestamptz, p_k0 integer, p_k1 integer, p_step integer,
+    p_own_ids integer[], p_own_base integer, p_own_ranks integer[],
+    p_alias_ids integer[], p_alias_base integer, p_alias_ranks integer[],
+    p_rate_mode text, p_level text)
+RETURNS TABLE ("timestamp" timestamptz, device_id text, metric_id text,
+               value double precision, labels jsonb)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH win AS (  -- the rows of the whole window, unsorted, for rates
+        SELECT m.*
+        FROM kwollect.metrics_chunk(p_own_ids, p_own_base, p_own_ranks,
+                                    p_alias_ids, p_alias_base, p_alias_ranks,
+                                    p_k0, p_k1, p_t0, 'infinity', p_t1) m
+        WHERE p_level = 'raw'
+        UNION ALL
+        SELECT m.*
+        FROM kwollect.summary_window(p_own_ids, p_own_base, p_own_ranks,
+                                     p_alias_ids, p_alias_base, p_alias_ranks,
+                                     p_t0, p_t1, p_level) m
+        WHERE p_level <> 'raw'
+    ), out AS MATERIALIZED (
+        SELECT o.* FROM kwollect.metrics_out(p_own_ids, p_alias_ids, p_rate_mode) o
+    ), names AS MATERIALIZED (
+        SELECT n.* FROM kwollect.metrics_names(p_own_ids, p_own_base, p_own_ranks,
+                                               p_alias_ids, p_alias_base, p_alias_ranks) n
+    )
+    SELECT c.ts, names.devices ->> (c.rank - 1), names.metrics ->> (c.rank - 1), c.value,
+           kwollect.with_orig(names.labels -> (c.rank - 1), c.orig)
+    FROM names
+    CROSS JOIN kwollect.metrics_chunks(p_t0, p_k0, p_k1, p_step) chunk
+    CROSS JOIN LATERAL (
+        SELECT m.ts, m.rank, m.value, m.orig
+        FROM kwollect.metrics_chunk(p_own_ids, p_own_base, p_own_ranks,
+                                    p_alias_ids, p_alias_base, p_alias_ranks,
+                                    chunk.k, chunk.k_hi, chunk.lo, chunk.hi, p_t1) m
+        ORDER BY m.ts, m.rank
+    ) c
+    WHERE p_rate_mode = 'no' AND p_level = 'raw'
+    UNION ALL
+    (SELECT w.ts, o.device_id, o.metric_id,
+            CASE WHEN o.rated
+                 THEN kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts)
+                 ELSE w.value END,
+            kwollect.with_orig(o.labels, w.orig)
+     FROM (
+         SELECT m.*,
+                lag(m.value) OVER series AS prev,
+                lag(m.ts) OVER series AS prev_ts,
+                max(m.value) OVER (series ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                    AS running_max
+         FROM win m
+         WHERE p_rate_mode <> 'no'
+         WINDOW series AS (PARTITION BY m.rank ORDER BY m.ts)
+     ) w
+     JOIN out o ON o.series_id = w.series_id AND o.via_alias = w.via_alias
+     ORDER BY w.ts, w.rank)
 $$;
 
 DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, boolean, boolean);
@@ -453,21 +565,20 @@ DROP FUNCTION IF EXISTS api.get_metrics(integer, text, text, text, text, text, b
 -- by chunk (a lateral join on ascending minute keys, so a nested loop), and each chunk's
 -- rows are sorted in memory.  No sort of the whole result, so the first rows stream at
 -- once.  Summaries (a few rows per series and hour) are read and sorted in one piece.
--- Rates need each series in time order first: that branch sorts the whole window.  The
--- text columns of each requested series are computed once (out).  The raw rows of a chunk
--- are sorted narrow (ts, rank, value, orig) and named after the sort from jsonb arrays
--- indexed by rank (names; an output rank is one (device, metric, labels), whether read as
--- itself or through an alias): no join, so the order is the sort's by construction, and
--- the sort moves a third of the bytes.  Server CPU of the issue's 1.44 M-row read: raw
--- 0.90 us per row against 0.97 with a hash join of out before each sort, compacted 1.22
--- against 1.41 (the hour's sort no longer spills at work_mem 64 MB).  A look-up per row (an
--- index scan of kwollect.series) had cost 29 % of the time.  A request with no series read
--- through an alias (the common one) takes a branch of its own (kwollect.metrics_own_chunk):
--- its sorted rows are (ts, rank, value, series_id), fixed-width and never NULL, so ties on
--- the timestamp (a device's metrics share it) are compared at cached offsets, and its labels
--- are taken as stored, without the _device_orig test per row; server CPU of the 1.44 M-row
--- raw read 1.22-1.29 s against 1.40 (docs/performance.md).  Summaries and rates, a few rows
--- per series and hour or a sort of the whole window, still join out before their sort.
+-- The raw rows of a chunk are sorted narrow and named after the sort from jsonb arrays
+-- indexed by rank (kwollect.metrics_names; an output rank is one (device, metric, labels),
+-- whether read as itself or through an alias): no join, so the order is the sort's by
+-- construction, and the sort moves a third of the bytes.  Server CPU of the issue's
+-- 1.44 M-row read: raw 0.90 us per row against 0.97 with a hash join of the series' names
+-- before each sort, compacted 1.22 against 1.41 (the hour's sort no longer spills at
+-- work_mem 64 MB).  A look-up per row (an index scan of kwollect.series) had cost 29 % of
+-- the time.  A request with no series read through an alias and no rate (the common one)
+-- is read here (kwollect.metrics_own_chunk): its sorted rows are (ts, rank, value,
+-- series_id), fixed-width and never NULL, so ties on the timestamp (a device's metrics
+-- share it) are compared at cached offsets, and its labels are taken as stored; server
+-- CPU of the 1.44 M-row raw read 1.22-1.29 s against 1.40 (docs/performance.md).  Rates
+-- and rows through an alias are read by kwollect.metrics_general, planned only when such
+-- a read runs.
 CREATE OR REPLACE FUNCTION api.get_metrics(
     job_id integer DEFAULT NULL,
     nodes text DEFAULT NULL,
@@ -485,110 +596,48 @@ LANGUAGE sql STABLE AS $$
                kwollect.parse_summary(summary::text) AS level
         FROM kwollect.metrics_plan(job_id, nodes, devices, metrics, start_time, end_time,
                                    kwollect.parse_summary(summary::text) <> 'raw') p
-    ), win AS (  -- the rows of the whole window, unsorted, for rates
-        SELECT m.*, plan.rate_mode
-        FROM plan
-        CROSS JOIN LATERAL kwollect.metrics_chunk(
-            plan.own_ids, plan.own_base, plan.own_ranks,
-            plan.alias_ids, plan.alias_base, plan.alias_ranks,
-            plan.k0, plan.k1,
-            -- a summary read: no partition planned (kwollect.reads_raw)
-            CASE WHEN kwollect.reads_raw(summary) THEN plan.t0 ELSE 'infinity' END,
-            'infinity', plan.t1) m
-        WHERE plan.level = 'raw'
-        UNION ALL
-        SELECT m.*, plan.rate_mode
-        FROM plan
-        CROSS JOIN LATERAL kwollect.summary_window(
-            plan.own_ids, plan.own_base, plan.own_ranks,
-            plan.alias_ids, plan.alias_base, plan.alias_ranks, plan.t0, plan.t1, plan.level) m
-        WHERE plan.level <> 'raw'
-    ), out AS MATERIALIZED (  -- the text columns of each requested series
-        SELECT se.series_id, v.via_alias,
-               CASE WHEN v.via_alias THEN se.device_alias ELSE se.device_id END AS device_id,
-               se.metric_id, se.labels - '_device_alias' AS labels,
-               plan.rate_mode = 'all' OR (plan.rate_mode = 'auto' AND se.metric_id LIKE '%\_total')
-                   AS rated
-        FROM plan
-        CROSS JOIN LATERAL (VALUES (false, plan.own_ids), (true, plan.alias_ids)) AS v(via_alias, ids)
-        JOIN kwollect.series se ON se.series_id = ANY (v.ids)
-    ), chunks AS MATERIALIZED (  -- the window's chunks, each bound computed once
-        SELECT k, k_hi, greatest(plan.t0, to_timestamp(k::double precision * 60)) AS lo,
-               to_timestamp((k_hi + 1)::double precision * 60) AS hi
-        FROM plan, generate_series(plan.k0, plan.k1, plan.step) AS k,
-             LATERAL (SELECT least(k + plan.step - 1, plan.k1) AS k_hi) b
-    ), names AS MATERIALIZED (  -- the text columns by output rank, element rank - 1
-        SELECT jsonb_agg(r.device_id ORDER BY r.rank) AS devices,
-               jsonb_agg(r.metric_id ORDER BY r.rank) AS metrics,
-               jsonb_agg(r.labels ORDER BY r.rank) AS labels
-        FROM (SELECT DISTINCT ON (1) CASE WHEN o.via_alias
-                                          THEN plan.alias_ranks[o.series_id - plan.alias_base + 1]
-                                          ELSE plan.own_ranks[o.series_id - plan.own_base + 1]
-                                     END AS rank,
-                     o.device_id, o.metric_id, o.labels
-              FROM plan, out o
-              ORDER BY 1) r
+    ), names AS MATERIALIZED (
+        SELECT n.* FROM plan, kwollect.metrics_names(plan.own_ids, plan.own_base,
+                                                     plan.own_ranks, plan.alias_ids,
+                                                     plan.alias_base, plan.alias_ranks) n
     )
-    -- No series read through an alias (the common request): the own rows only, whose
-    -- sorted tuples are four fixed-width columns, none NULL, and their labels as stored.
+    -- No series read through an alias and no rate (the common request): the own rows only,
+    -- whose sorted tuples are four fixed-width columns, none NULL, and their labels as
+    -- stored.  OFFSET 0 keeps the chunk bounds computed once per chunk, not once per row.
     SELECT c.ts, names.devices ->> (c.rank - 1), names.metrics ->> (c.rank - 1), c.value,
            names.labels -> (c.rank - 1)
     FROM plan
     CROSS JOIN names
-    CROSS JOIN chunks chunk
+    CROSS JOIN LATERAL (SELECT * FROM kwollect.metrics_chunks(plan.t0, plan.k0, plan.k1,
+                                                              plan.step) OFFSET 0) chunk
     CROSS JOIN LATERAL (
         SELECT o.ts, o.rank, o.value
         FROM kwollect.metrics_own_chunk(
             plan.own_ids, plan.own_base, plan.own_ranks, chunk.k, chunk.k_hi,
+            -- a summary read: no partition planned (kwollect.reads_raw)
             CASE WHEN kwollect.reads_raw(summary) THEN chunk.lo ELSE 'infinity' END,
             chunk.hi, plan.t1) o
         ORDER BY o.ts, o.rank
     ) c
     WHERE plan.rate_mode = 'no' AND plan.level = 'raw' AND plan.alias_ids IS NULL
     UNION ALL
-    SELECT c.ts, names.devices ->> (c.rank - 1), names.metrics ->> (c.rank - 1), c.value,
-           kwollect.with_orig(names.labels -> (c.rank - 1), c.orig)
-    FROM plan
-    CROSS JOIN names
-    CROSS JOIN chunks chunk
-    CROSS JOIN LATERAL (
-        SELECT m.ts, m.rank, m.value, m.orig
-        FROM kwollect.metrics_chunk(
-            plan.own_ids, plan.own_base, plan.own_ranks,
-            plan.alias_ids, plan.alias_base, plan.alias_ranks,
-            chunk.k, chunk.k_hi,
-            CASE WHEN kwollect.reads_raw(summary) THEN chunk.lo ELSE 'infinity' END,
-            chunk.hi, plan.t1) m
-        ORDER BY m.ts, m.rank
-    ) c
-    WHERE plan.rate_mode = 'no' AND plan.level = 'raw' AND plan.alias_ids IS NOT NULL
-    UNION ALL
     (SELECT m.ts, o.device_id, o.metric_id, m.value, kwollect.with_orig(o.labels, m.orig)
      FROM plan
      CROSS JOIN LATERAL kwollect.summary_window(
          plan.own_ids, plan.own_base, plan.own_ranks,
          plan.alias_ids, plan.alias_base, plan.alias_ranks, plan.t0, plan.t1, plan.level) m
-     JOIN out o ON o.series_id = m.series_id AND o.via_alias = m.via_alias
+     JOIN kwollect.metrics_out(plan.own_ids, plan.alias_ids, 'no') o
+       ON o.series_id = m.series_id AND o.via_alias = m.via_alias
      WHERE plan.rate_mode = 'no' AND plan.level <> 'raw'
      ORDER BY m.ts, m.rank)
     UNION ALL
-    (SELECT w.ts, o.device_id, o.metric_id,
-            CASE WHEN o.rated
-                 THEN kwollect.counter_rate(w.value, w.prev, w.running_max, w.ts, w.prev_ts)
-                 ELSE w.value END,
-            kwollect.with_orig(o.labels, w.orig)
-     FROM (
-         SELECT m.*,
-                lag(m.value) OVER series AS prev,
-                lag(m.ts) OVER series AS prev_ts,
-                max(m.value) OVER (series ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                    AS running_max
-         FROM win m
-         WHERE m.rate_mode <> 'no'
-         WINDOW series AS (PARTITION BY m.rank ORDER BY m.ts)
-     ) w
-     JOIN out o ON o.series_id = w.series_id AND o.via_alias = w.via_alias
-     ORDER BY w.ts, w.rank)
+    SELECT g.*
+    FROM plan
+    CROSS JOIN LATERAL kwollect.metrics_general(plan.t0, plan.t1, plan.k0, plan.k1, plan.step,
+                                                plan.own_ids, plan.own_base, plan.own_ranks,
+                                                plan.alias_ids, plan.alias_base,
+                                                plan.alias_ranks, plan.rate_mode, plan.level) g
+    WHERE plan.rate_mode <> 'no' OR (plan.level = 'raw' AND plan.alias_ids IS NOT NULL)
 $$;
 COMMENT ON FUNCTION api.get_metrics(integer, text, text, text, text, text, api.summary_mode,
                                    api.as_rate_mode) IS
