@@ -281,16 +281,25 @@ def planned_relations(node: dict) -> set[str]:
     return found
 
 
+NOT_ON_CITUS = ("the coordinator's plan is a Citus scan over the shards, and get_metrics a "
+                "PL/pgSQL function there (sql/099_citus.sql)")
+
+
+async def plan_of(reader, hours: float, options: str = "FORMAT JSON", **named: str) -> str:
+    """EXPLAIN of get_metrics for gm-1 over `hours` from T0, with more named arguments."""
+    extra = "".join(f", {name} => ${i}" for i, name in enumerate(named, 3))
+    return await reader.fetchval(
+        f"EXPLAIN ({options}) SELECT * FROM api.get_metrics(devices => 'gm-1', "  # noqa: S608
+        f"start_time => $1, end_time => $2{extra})",
+        iso(T0), iso(T0 + timedelta(hours=hours)), *named.values())
+
+
 @pytest.mark.parametrize("summary", ["true", "1h"])
 async def test_summary_reads_plan_no_raw_partition(kwdb, reader, data, summary):
     """A summary read does not plan the raw partitions: a year of 6-hour partitions made
     each summary call 48-89 ms of planning (docs/storage.md) where it now takes 1-2 ms."""
-    skip_on_citus(kwdb, "the coordinator's plan is a Citus scan over the shards, and "
-                        "get_metrics a PL/pgSQL function there (sql/099_citus.sql)")
-    plan = await reader.fetchval(
-        "EXPLAIN (FORMAT JSON) SELECT * FROM api.get_metrics("
-        "devices => 'gm-1', start_time => $1, end_time => $2, summary => $3)",
-        iso(T0), iso(T0 + timedelta(hours=2)), summary)
+    skip_on_citus(kwdb, NOT_ON_CITUS)
+    plan = await plan_of(reader, 2, summary=summary)
     relations = planned_relations(json.loads(plan)[0]["Plan"])
     assert "summaries" in relations or "summary_1h" in relations, relations
     raw = {name for name in relations
@@ -298,10 +307,7 @@ async def test_summary_reads_plan_no_raw_partition(kwdb, reader, data, summary):
            and not name.endswith("_default")}
     assert not raw, relations
     # the same call reading raw samples plans the partition of its window
-    plan = await reader.fetchval(
-        "EXPLAIN (FORMAT JSON) SELECT * FROM api.get_metrics("
-        "devices => 'gm-1', start_time => $1, end_time => $2, summary => false)",
-        iso(T0), iso(T0 + timedelta(hours=2)))
+    plan = await plan_of(reader, 2, summary="false")
     assert any(name.startswith(("samples_2", "_hyper_"))
                for name in planned_relations(json.loads(plan)[0]["Plan"]))
 
@@ -324,12 +330,8 @@ async def test_raw_read_plans_each_partition_once(kwdb, reader, data, as_rate):
     partition is planned once, not five times (300-340 ms of planning per call with a year
     of 6-hour partitions, 68-72 ms now: docs/storage.md).  Rates and aliases are planned
     when such a read runs."""
-    skip_on_citus(kwdb, "the coordinator's plan is a Citus scan over the shards, and "
-                        "get_metrics a PL/pgSQL function there (sql/099_citus.sql)")
-    plan = await reader.fetchval(
-        "EXPLAIN (FORMAT JSON) SELECT * FROM api.get_metrics("
-        "devices => 'gm-1', start_time => $1, end_time => $2, as_rate => $3)",
-        iso(T0), iso(T0 + timedelta(hours=1)), as_rate)
+    skip_on_citus(kwdb, NOT_ON_CITUS)
+    plan = await plan_of(reader, 1, as_rate=as_rate)
     counts = {name: n for name, n in relation_counts(json.loads(plan)[0]["Plan"]).items()
               if name.startswith(("samples_", "compact_", "_hyper_"))}
     assert counts and set(counts.values()) == {1}, counts
@@ -340,12 +342,8 @@ async def test_raw_read_plans_each_partition_once(kwdb, reader, data, as_rate):
 
 
 async def test_plan_prunes_partitions_and_uses_the_index(kwdb, reader, data):
-    skip_on_citus(kwdb, "the coordinator's plan is a Citus scan over the shards, and "
-                        "get_metrics a PL/pgSQL function there (sql/099_citus.sql)")
-    plan = await reader.fetchval(
-        "EXPLAIN (ANALYZE, FORMAT JSON) SELECT * FROM api.get_metrics("
-        "devices => 'gm-1', start_time => $1, end_time => $2)",
-        iso(T0), iso(T0 + timedelta(minutes=10)))
+    skip_on_citus(kwdb, NOT_ON_CITUS)
+    plan = await plan_of(reader, 1 / 6, "ANALYZE, FORMAT JSON")
     root = json.loads(plan)[0]["Plan"]
     scanned = scanned_relations(root)
     if await reader.fetchval("SELECT kwollect.storage()") == "timescaledb":
