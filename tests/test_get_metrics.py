@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
+from kwollect.gateway.catalog import load_catalog
 from tests.fixtures.citus import skip_on_citus
 from tests.sqlapi import T0, UTC, get_metrics, iso, load, series, settle_rollup
 
@@ -310,6 +311,31 @@ async def test_summary_reads_plan_no_raw_partition(kwdb, reader, data, summary):
     plan = await plan_of(reader, 2, summary="false")
     assert any(name.startswith(("samples_2", "_hyper_"))
                for name in planned_relations(json.loads(plan)[0]["Plan"]))
+
+
+@pytest.mark.parametrize("summary", ["true", "1h"])
+async def test_summary_reads_through_the_gateway_plan_no_raw_partition(kwdb, reader, data,
+                                                                       summary):
+    """kwollect-api writes an enum argument that is one of its type's labels as that
+    label: the planner sees a constant summary, so a summary read over HTTP plans no raw
+    partition either.  Any other text goes by its setting, as every argument did."""
+    skip_on_citus(kwdb, NOT_ON_CITUS)
+    catalog = await load_catalog(reader, ["api"])
+    values = {"devices": ["gm-1"], "start_time": [iso(T0)],
+              "end_time": [iso(T0 + timedelta(hours=2))], "summary": [summary]}
+    call = catalog.bind_text(catalog.resolve("api", "get_metrics", values), values)
+    assert f"CAST('{summary}' AS api.summary_mode)" in call.query(as_json=False)
+    async with reader.transaction():
+        for name, value in call.settings():
+            await reader.execute("SELECT set_config($1, $2, true)", name, value)
+        plan = await reader.fetchval(f"EXPLAIN (FORMAT JSON) {call.query(as_json=False)}")
+    relations = planned_relations(json.loads(plan)[0]["Plan"])
+    assert not {name for name in relations
+                if name.startswith(("samples_", "compact_", "_hyper_", "compress_hyper_"))
+                and not name.endswith("_default")}, relations
+    values["summary"] = ["true' OR '1"]
+    call = catalog.bind_text(catalog.resolve("api", "get_metrics", values), values)
+    assert "OR" not in call.query(as_json=False)
 
 
 def relation_counts(node: dict) -> dict[str, int]:

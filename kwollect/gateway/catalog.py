@@ -9,6 +9,7 @@ client sends never enter SQL text: they travel as bound parameters of set_config
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,9 @@ ORDER BY n.nspname, p.proname, p.oid
 
 _TYPES = """
 SELECT t.oid, format_type(t.oid, NULL) AS sql, b.typname AS base, b.typtype::text AS kind,
-       b.typcategory::text AS category, b.typrelid AS relid
+       b.typcategory::text AS category, b.typrelid AS relid,
+       ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = b.oid
+             ORDER BY e.enumsortorder) AS labels
 FROM pg_type t
 CROSS JOIN LATERAL (
     WITH RECURSIVE chain (oid, depth) AS (
@@ -82,6 +85,7 @@ class PgType:
     kind: str
     category: str
     relid: int
+    labels: tuple[str, ...] = ()  # an enum's labels, in their order
 
     @property
     def codec(self) -> Codec:
@@ -162,6 +166,24 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# Enum labels written into the call as literals: letters, digits and a few signs, never a
+# quote or a backslash (every label of kwollect's enums; others go by their setting).
+_PLAIN_LABEL = re.compile(r"[A-Za-z0-9_.+-]{1,63}")
+
+
+def enum_literal(pg_type: PgType, text: str) -> str | None:
+    """The catalog's own label equal to `text`, as a SQL literal, or None.
+
+    A constant lets the planner fold what depends on it: get_metrics' `summary` then
+    decides while planning whether the raw partitions are read at all, instead of laying
+    out every one of them (kwollect.reads_raw, docs/storage.md).  The literal is the
+    catalog's string, found by equality, so a client's text still never becomes SQL."""
+    for label in pg_type.labels:
+        if label == text and _PLAIN_LABEL.fullmatch(label):
+            return f"'{label}'"
+    return None
+
+
 @dataclass
 class Argument:
     """A value for one parameter: text cast by PostgreSQL, a JSON array, or SQL NULL.
@@ -200,6 +222,8 @@ class Call:
             source = f"current_setting('{ARG_SETTING.format(i)}')"
             if arg.text is None and arg.body is None:
                 value = f"CAST(NULL AS {target})"
+            elif arg.text is not None and (literal := enum_literal(arg.param.type, arg.text)):
+                value = f"CAST({literal} AS {target})"
             elif arg.json_array:
                 value = f"CAST(ARRAY(SELECT jsonb_array_elements_text(CAST({source} AS jsonb))) " \
                         f"AS {target})"
@@ -448,7 +472,8 @@ def _function(row: asyncpg.Record, types: Mapping[int, PgType],
 
 async def _types(conn: asyncpg.Connection, oids: Iterable[int]) -> dict[int, PgType]:
     rows = await conn.fetch(_TYPES, sorted(set(oids)))
-    return {r["oid"]: PgType(r["oid"], r["sql"], r["base"], r["kind"], r["category"], r["relid"])
+    return {r["oid"]: PgType(r["oid"], r["sql"], r["base"], r["kind"], r["category"], r["relid"],
+                             tuple(r["labels"]))
             for r in rows}
 
 
