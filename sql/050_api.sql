@@ -528,7 +528,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.ts, names.devices ->> (c.rank - 1), names.metrics ->> (c.rank - 1), c.value,
            kwollect.with_orig(names.labels -> (c.rank - 1), c.orig)
     FROM names
-    CROSS JOIN kwollect.metrics_chunks(p_t0, p_k0, p_k1, p_step) chunk
+    -- OFFSET 0 keeps the chunk bounds computed once per chunk, not once per row
+    CROSS JOIN LATERAL (SELECT * FROM kwollect.metrics_chunks(p_t0, p_k0, p_k1, p_step)
+                        OFFSET 0) chunk
     CROSS JOIN LATERAL (
         SELECT m.ts, m.rank, m.value, m.orig
         FROM kwollect.metrics_chunk(p_own_ids, p_own_base, p_own_ranks,
