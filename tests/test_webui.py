@@ -23,6 +23,17 @@ pytestmark = pytest.mark.skipif(
            "installs them when run as root)")
 
 
+async def load_settled(kwdb, rows) -> None:
+    """Writes rows as the collectors do, then brings the summaries and the rollup up to date."""
+    writer, admin = await kwdb.connect("kwuser"), await kwdb.connect("admin")
+    try:
+        await load(writer, rows)
+        await settle_rollup(admin)
+    finally:
+        await writer.close()
+        await admin.close()
+
+
 @pytest.fixture(scope="module")
 async def ui_data(kwdb):
     """Job 9301 on ui-1 and ui-2 since 10 minutes ago, still running; power every 5 s."""
@@ -147,14 +158,8 @@ async def ui_hours(kwdb):
     """ui-h: power every 30 s for the 3 whole hours that started 3 days ago, summarized and
     rolled up; the first hour."""
     first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=3)
-    writer, admin = await kwdb.connect("kwuser"), await kwdb.connect("admin")
-    try:
-        await load(writer, series("ui-h", "bmc_node_power_watt", first, 3 * 120, 30,
-                                  value=lambda i: 100.0 + 20 * (i // 120)))
-        await settle_rollup(admin)
-    finally:
-        await writer.close()
-        await admin.close()
+    await load_settled(kwdb, series("ui-h", "bmc_node_power_watt", first, 3 * 120, 30,
+                                    value=lambda i: 100.0 + 20 * (i // 120)))
     return first
 
 
@@ -187,14 +192,8 @@ async def ui_long(kwdb):
     """ui-long: power every 10 s for the 9 days that started 10 days ago (77,760 rows),
     summarized and rolled up; the first hour."""
     first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=10)
-    writer, admin = await kwdb.connect("kwuser"), await kwdb.connect("admin")
-    try:
-        await load(writer, series("ui-long", "bmc_node_power_watt", first, 9 * 8640, 10,
-                                  value=lambda i: 100.0))
-        await settle_rollup(admin)
-    finally:
-        await writer.close()
-        await admin.close()
+    await load_settled(kwdb, series("ui-long", "bmc_node_power_watt", first, 9 * 8640, 10,
+                                    value=lambda i: 100.0))
     return first
 
 
