@@ -115,10 +115,9 @@ async def floors(conn: asyncpg.Connection, reader: Reader, ours: str, storage: s
         scan = time.perf_counter() - t0
         copy, _cpu = await reader.read("SELECT * FROM read_rows")
         output.append(copy - scan)
+    ids = await conn.fetchval("SELECT array_agg(s.series_id) FROM kwollect.series s "
+                              "WHERE s.device_id IN (SELECT device_id FROM read_rows)")
     await conn.execute("DROP TABLE read_rows")
-    ids = await conn.fetchval("SELECT array_agg(series_id) FROM kwollect.series "
-                              "WHERE device_id = ANY ($1)",
-                              [f"node-{d}" for d in range(1, 21)])
     start = START_TS
     end = start + timedelta(hours=min(2, hours))
     select = []

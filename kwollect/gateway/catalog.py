@@ -3,7 +3,9 @@
 Nothing is hard-coded: every function of the schemas is served, with its parameters (names,
 types, defaults), its volatility and the shape of its result.  The SQL that calls a function
 is built from these catalog identifiers (quoted) and from fixed setting names; the values a
-client sends never enter SQL text: they travel as bound parameters of set_config().
+client sends never enter SQL text: they travel as bound parameters of set_config().  An enum
+argument equal to one of its type's labels is written as the catalog's label (enum_literal),
+so that the planner sees a constant.
 """
 
 from __future__ import annotations
